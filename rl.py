@@ -1,0 +1,550 @@
+"""GRPO with attention-based credit assignment (paper Section 5, Eq. 6 and Eq. 12-19).
+
+One batch, start to finish, is `GRPO.step(examples)`:
+
+1. rollout   each prompt is sampled G times with the model's KV-cache `generate`;
+             the task scores every response (reward) and checks it (correct).
+2. advantage `group_advantages`: (r - group mean) / (group std + eps), Eq. 6, one per response.
+3. credit    one extra no-grad forward over prompt + response gives WAAD/FAI/entropy
+             (`attention_metrics.rhythm_signals`), and `credit_gamma` turns them into one
+             gamma per response token. Skipped for strategies "none" and "random".
+4. update    old log-probs are recomputed with the current policy, then the rollout batch is
+             split into micro-batches and each micro-batch is one AdamW step on
+             `policy_loss`, the clipped surrogate of Eq. 12 with A~_t = gamma_t * A (Eq. 13).
+
+The paper's comparisons (GRPO, random / entropy / local / global / coupled credit, bottom-q,
+signs, layers, heads) are all `RLConfig` fields; nothing else changes between them.
+
+Project defaults (the paper is silent on these; they are decided here, in one place):
+- Group std is the unbiased sample std (divide by G - 1), as torch.std, TRL and verl do, so
+  advantages match the common GRPO implementations. A group whose rewards are all equal gets
+  advantage exactly 0.
+- The rollout batch is counted in responses: `rollout_batch_size` = prompts x G. The paper's
+  512 / 32 gives 16 optimizer steps per rollout batch; each micro-batch is one optimizer step
+  (no gradient accumulation), with the old log-probs fixed for the whole rollout batch.
+- Old log-probs are recomputed by a forward of the current policy before any update, on the
+  same micro-batches and with the same code as the update, so the first micro-step starts at
+  ratio exactly 1. The generate-time log-probs differ by numerics (KV cache, other padding);
+  their mean gap is reported as the metric `logp_gen_gap`.
+- Log-probs are taken under softmax(logits / temperature), the distribution that was sampled
+  (temperature 1.0 in the paper, where this is plain softmax).
+- The response includes the stop token when one was emitted (the policy learns to stop); the
+  text given to the reward does not include it.
+- `norm="sequence"` is the paper's 1/|o| then mean over responses; `norm="token"` is the mean
+  over all response tokens of the micro-batch (DAPO / TRL default).
+- KL to the reference policy uses the k3 estimator exp(ref - logp) - (ref - logp) - 1, with
+  coefficient 0 by default (the paper uses no KL and no entropy term).
+- AdamW weight decay 0.0 and gradient clipping at norm 1.0 (the paper does not state these).
+- Evaluation decodes with its own fixed seed, so evaluating between steps leaves the training
+  random stream untouched.
+"""
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+STRATEGIES = ("none", "random", "entropy", "local", "global", "coupled")
+NORMS = ("sequence", "token")
+SIGNS = ("both", "positive", "negative")
+
+
+@dataclass
+class RLConfig:
+    """Every knob of a GRPO run. Defaults fit a small CPU run; the paper's values are noted."""
+
+    # rollout
+    group_size: int = 4              # G responses per prompt
+    rollout_batch_size: int = 16     # responses per step (prompts x G); paper: 512
+    micro_batch_size: int = 8        # responses per optimizer step; paper: 32
+    ppo_epochs: int = 1              # passes over the rollout batch with old log-probs fixed
+    max_new_tokens: int = 64         # paper: 1024 (8192 for math)
+    temperature: float = 1.0         # paper: 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_ids: tuple = ()             # extra stop tokens; the tokenizer's eos is always one
+    # loss (Eq. 12)
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None   # None: symmetric clipping; DAPO uses 0.28
+    norm: str = "sequence"           # "sequence" (paper, 1/|o|) or "token"
+    adv_eps: float = 1e-6
+    kl_coef: float = 0.0             # paper: no KL
+    entropy_coef: float = 0.0        # paper: no entropy bonus
+    # credit (Eq. 14-19)
+    strategy: str = "none"           # none | random | entropy | local | global | coupled
+    sign: str = "both"               # both (paper's revision) | positive | negative (Table 7a)
+    q: float = 0.4
+    gamma_amp: float = 1.5
+    k: int = 3
+    alpha: float = 0.5
+    bottom: bool = False             # bottom-q ablation
+    credit_layers: tuple | None = None   # None: five layers of the middle third (paper)
+    credit_heads: str = "targeted"   # "targeted" head groups, or "all" heads (ablation)
+    window: int = 10                 # W of WAAD, Eq. 9
+    h_lo: int = 10                   # FAI horizon, Eq. 10
+    h_hi: int = 100
+    # optimizer
+    lr: float = 1e-6                 # paper: 1e-6
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    # reproducibility / evaluation
+    seed: int = 0
+    eval_seed: int = 1234
+    eval_batch_size: int = 64
+    generation_batch_size: int | None = None   # rows per generate call; None: all at once
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (GRPO compares responses within a group), got {self.group_size}")
+        if self.rollout_batch_size % self.group_size:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) counts responses and must be a "
+                             f"multiple of group_size ({self.group_size})")
+        if self.micro_batch_size < 1 or self.rollout_batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide rollout_batch_size "
+                             f"({self.rollout_batch_size})")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("sign", self.sign, SIGNS)
+        if self.ppo_epochs < 1 or self.max_new_tokens < 1:
+            raise ValueError("ppo_epochs and max_new_tokens must be >= 1")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.rollout_batch_size // self.group_size
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+
+
+# -----------------------------------------------------------------------------
+# pure parts: advantages, sign rule, loss
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantage, Eq. 6: A_i = (r_i - mean(r_group)) / (std(r_group) + eps).
+
+    rewards: (B,) with the G responses of one prompt consecutive, B = prompts x G.
+    std is the unbiased sample std (divide by G - 1), as torch.std / TRL / verl. A group whose
+    rewards are all equal carries no learning signal and gets advantage exactly 0.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the number of rewards {rewards.numel()}")
+    r = rewards.float().view(-1, group_size)  # (P, G)
+    adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)
+    flat = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
+    return adv.masked_fill(flat, 0.0).view(-1)
+
+
+def apply_sign(gamma: torch.Tensor, advantages: torch.Tensor, sign: str) -> torch.Tensor:
+    """Where the credit gamma applies (Table 7a): gamma is replaced by 1 elsewhere.
+
+    "both": every response (paper's revision); "positive": responses with A > 0;
+    "negative": responses with A < 0. gamma (B, T), advantages (B,).
+    """
+    _check_choice("sign", sign, SIGNS)
+    if sign == "both":
+        return gamma
+    keep = advantages > 0 if sign == "positive" else advantages < 0  # (B,)
+    return torch.where(keep[:, None], gamma, torch.ones_like(gamma))
+
+
+def _reduce(x: torch.Tensor, mask: torch.Tensor, norm: str) -> torch.Tensor:
+    """Masked mean of a (B, T) per-token quantity; "sequence": per response then over responses."""
+    if norm == "sequence":
+        per_seq = (x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B,)
+        return per_seq.mean()
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(logp, old_logp, advantages, gamma, mask, clip_eps=0.2, clip_eps_high=None,
+                norm="sequence", sign="both", ref_logp=None, kl_coef=0.0, entropy=None, entropy_coef=0.0):
+    """Clipped surrogate of Eq. 12 with the shaped advantage A~_t = gamma_t * A (Eq. 13).
+
+    logp, old_logp, gamma, mask: (B, T) over response tokens (mask 1 = real token);
+    advantages: (B,) one per response; ref_logp, entropy: optional (B, T).
+    per token: -min(rho * A~, clip(rho, 1 - eps, 1 + eps_high) * A~) + kl_coef * k3 - entropy_coef * H,
+    rho = exp(logp - old_logp). norm="sequence": mean over each response's tokens, then over the
+    B responses (the gradient w.r.t. logp at rho = 1 is -gamma * A / |o| / B);
+    norm="token": mean over all real tokens of the batch.
+    Returns (loss, diagnostics) with diagnostics clip_frac, approx_kl (k3 of old vs new),
+    ratio_mean (token means, detached floats) and kl_ref when ref_logp is given.
+    """
+    _check_choice("norm", norm, NORMS)
+    _check_choice("sign", sign, SIGNS)
+    shape = logp.shape
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be (B, T), got shape {tuple(shape)}")
+    for name, t in (("old_logp", old_logp), ("gamma", gamma), ("mask", mask), ("ref_logp", ref_logp),
+                    ("entropy", entropy)):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} must have the shape of logp {tuple(shape)}, got {tuple(t.shape)}")
+    if advantages.shape != shape[:1]:
+        raise ValueError(f"advantages must be (B,) = ({shape[0]},), got {tuple(advantages.shape)}")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    mask = mask.to(logp.dtype)
+
+    shaped = apply_sign(gamma, advantages, sign) * advantages[:, None]  # (B, T), Eq. 13
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    surr = ratio * shaped
+    surr_clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * shaped
+    per_token = -torch.minimum(surr, surr_clipped)
+    if ref_logp is not None and kl_coef:
+        per_token = per_token + kl_coef * _k3(ref_logp - logp)
+    if entropy is not None and entropy_coef:
+        per_token = per_token - entropy_coef * entropy
+    loss = _reduce(per_token, mask, norm)
+
+    with torch.no_grad():
+        clipped = ((ratio > 1.0 + eps_high) & (shaped > 0)) | ((ratio < 1.0 - clip_eps) & (shaped < 0))
+        diag = {
+            "clip_frac": _reduce(clipped.to(mask.dtype), mask, "token").item(),
+            "approx_kl": _reduce(_k3(-log_ratio), mask, "token").item(),
+            "ratio_mean": _reduce(ratio, mask, "token").item(),
+        }
+        if ref_logp is not None:
+            diag["kl_ref"] = _reduce(_k3(ref_logp - logp), mask, "token").item()
+    return loss, diag
+
+
+def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k3 KL estimator of KL(p || q) from log(q / p) sampled under p: e^x - x - 1 >= 0."""
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+# -----------------------------------------------------------------------------
+# batch tensors
+
+def right_align(rows: list, width: int, fill: float, dtype=torch.float32) -> torch.Tensor:
+    """Stack variable-length rows into (B, width), each row flush right (left padded with fill)."""
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for b, row in enumerate(rows):
+        if len(row):
+            out[b, width - len(row):] = torch.as_tensor(row, dtype=dtype)
+    return out
+
+
+def build_batch(prompts: list, responses: list, pad_id: int) -> dict:
+    """Left-padded prompt + response batch.
+
+    Row b is [pad ... pad, prompt_b, response_b], so every row ends with its response and the
+    last n_resp = max |response| columns hold all response tokens. Returns
+      input_ids (B, T) long, attention_mask (B, T) long (1 = token, 0 = left padding),
+      starts (B,) long: column of the first response token of each row,
+      response_mask (B, n_resp) float: 1 on the response tokens in the last n_resp columns.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (the first response token is predicted from it)")
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    T = max(len(s) for s in seqs)
+    n_resp = max(max(len(r) for r in responses), 1)
+    input_ids = right_align(seqs, T, pad_id, torch.long)
+    attention_mask = right_align([[1] * len(s) for s in seqs], T, 0, torch.long)
+    starts = torch.tensor([T - len(r) for r in responses], dtype=torch.long)
+    response_mask = right_align([[1.0] * len(r) for r in responses], n_resp, 0.0)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, starts=starts, response_mask=response_mask)
+
+
+def token_logprobs(model, input_ids, attention_mask, n_resp: int, temperature: float = 1.0,
+                   with_entropy: bool = False):
+    """Log-probs of the last n_resp tokens of each row, under softmax(logits / temperature).
+
+    The logits at position t predict token t + 1, so the response columns T-n_resp .. T-1 are
+    scored by the hidden states at T-n_resp-1 .. T-2. Only those positions go through the
+    LM head, and log-softmax is taken as gather - logsumexp, so no (B, T, V) copy is made.
+    Returns logp (B, n_resp) and, with with_entropy, the policy entropy (B, n_resp) (else None).
+    """
+    T = input_ids.shape[1]
+    if n_resp >= T:
+        raise ValueError(f"n_resp ({n_resp}) must be smaller than the sequence length ({T})")
+    h, _, _ = model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, C)
+    logits = model.lm_head(h[:, T - n_resp - 1:T - 1]).float()  # (B, n_resp, V)
+    if temperature > 0:
+        logits = logits / temperature
+    targets = input_ids[:, T - n_resp:]  # (B, n_resp)
+    lse = torch.logsumexp(logits, dim=-1)  # (B, n_resp)
+    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:
+        entropy = lse - (F.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+# -----------------------------------------------------------------------------
+# the trainer
+
+@dataclass
+class Rollout:
+    """One rollout batch: B = prompts x G responses, groups consecutive."""
+    examples: list                 # (B,) the example each response answers
+    prompt_ids: list               # (B,) token lists
+    response_ids: list             # (B,) token lists, stop token included when emitted
+    gen_logp: list                 # (B,) generate-time log-probs
+    rewards: torch.Tensor          # (B,)
+    correct: torch.Tensor          # (B,) float 0/1
+    truncated: torch.Tensor        # (B,) float 0/1: no stop token within max_new_tokens
+    advantages: torch.Tensor = None    # (B,)
+    gammas: list = field(default_factory=list)   # (B,) tensors (R_b,), detached
+
+
+class GRPO:
+    """GRPO trainer with attention-based credit (see the module docstring for the loop).
+
+    `step(examples)` takes config.prompts_per_step examples (the caller decides the data order)
+    and returns a dict of float metrics. `state_dict()` / `load_state_dict()` carry the trainer's
+    random state and the optimizer state as a flat dict of tensors (safetensors-friendly); the
+    model weights are saved separately by the caller.
+    """
+
+    def __init__(self, model, tokenizer, task, config: RLConfig):
+        self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
+        self.pad_id = _first_not_none(getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None), 0)
+        eos = getattr(tokenizer, "eos_id", None)
+        self.stop_ids = tuple(dict.fromkeys(([eos] if eos is not None else []) + list(config.stop_ids)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas),
+                                           weight_decay=config.weight_decay, eps=config.adam_eps)
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.steps = 0
+        self.ref_model = None
+        if config.kl_coef:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # ---- rollout ----
+
+    def encode_prompt(self, example) -> list:
+        ids = self.tokenizer.encode(example.prompt, allow_special=True)
+        if not ids:
+            raise ValueError(f"prompt encodes to no tokens: {example.prompt!r}")
+        return ids
+
+    def _generate(self, prompts: list, temperature: float, seed: int):
+        """Sample one response per prompt, in chunks of generation_batch_size rows."""
+        cfg = self.config
+        chunk = cfg.generation_batch_size or len(prompts)
+        tokens, logps = [], []
+        self.model.eval()
+        with torch.no_grad():
+            for i in range(0, len(prompts), chunk):
+                t, lp = self.model.generate(prompts[i:i + chunk], cfg.max_new_tokens, temperature=temperature,
+                                            top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=self.stop_ids,
+                                            seed=seed + i, return_logprobs=True)
+                tokens += t
+                logps += lp
+        return tokens, logps
+
+    def _response_text(self, tokens: list) -> str:
+        if tokens and tokens[-1] in self.stop_ids:
+            tokens = tokens[:-1]
+        return self.tokenizer.decode(tokens)
+
+    def rollout(self, examples: list, seed: int) -> Rollout:
+        """Sample G responses per example, score them (reward, correct) and compute advantages."""
+        G = self.config.group_size
+        group_examples = [ex for ex in examples for _ in range(G)]
+        prompt_ids = [ids for ids in (self.encode_prompt(ex) for ex in examples) for _ in range(G)]
+        response_ids, gen_logp = self._generate(prompt_ids, self.config.temperature, seed)
+        texts = [self._response_text(r) for r in response_ids]
+        rewards = torch.tensor([float(self.task.reward(t, ex)) for t, ex in zip(texts, group_examples)])
+        correct = torch.tensor([float(bool(self.task.correct(t, ex))) for t, ex in zip(texts, group_examples)])
+        truncated = torch.tensor([float(not (r and r[-1] in self.stop_ids)) for r in response_ids])
+        roll = Rollout(group_examples, prompt_ids, response_ids, gen_logp, rewards, correct, truncated)
+        roll.advantages = group_advantages(rewards, G, self.config.adv_eps)
+        return roll
+
+    # ---- credit ----
+
+    def credit(self, roll: Rollout, seed: int) -> None:
+        """Fill roll.gammas, one detached (R_b,) tensor per response (Eq. 14-19 via credit_gamma)."""
+        cfg = self.config
+        lengths = [len(r) for r in roll.response_ids]
+        if cfg.strategy == "none":
+            roll.gammas = [torch.ones(n) for n in lengths]
+            return
+        from attention_metrics import credit_gamma, rhythm_signals
+        generator = torch.Generator().manual_seed(seed)
+        kw = dict(q=cfg.q, gamma_amp=cfg.gamma_amp, k=cfg.k, alpha=cfg.alpha, bottom=cfg.bottom, generator=generator)
+        if cfg.strategy == "random":
+            roll.gammas = [credit_gamma("random", waad=torch.zeros(n), **kw) for n in lengths]
+            return
+        gammas = []
+        self.model.eval()
+        with torch.no_grad():
+            for rows in _chunks(range(len(lengths)), cfg.micro_batch_size):
+                batch = build_batch([roll.prompt_ids[b] for b in rows], [roll.response_ids[b] for b in rows], self.pad_id)
+                signals = rhythm_signals(self.model, batch["input_ids"], batch["starts"], batch["attention_mask"],
+                                         layers=cfg.credit_layers, heads=cfg.credit_heads, window=cfg.window,
+                                         h_lo=cfg.h_lo, h_hi=cfg.h_hi)
+                for s in signals:
+                    gammas.append(credit_gamma(cfg.strategy, waad=s["waad"], fai=s["fai"], entropy=s["entropy"], **kw)
+                                  .detach().float())
+        roll.gammas = gammas
+
+    # ---- update ----
+
+    def _micro_batch(self, roll: Rollout, rows: list) -> dict:
+        batch = build_batch([roll.prompt_ids[b] for b in rows], [roll.response_ids[b] for b in rows], self.pad_id)
+        n_resp = batch["response_mask"].shape[1]
+        batch["gamma"] = right_align([roll.gammas[b].tolist() for b in rows], n_resp, 1.0)
+        batch["gen_logp"] = right_align([roll.gen_logp[b] for b in rows], n_resp, 0.0)
+        batch["advantages"] = roll.advantages[rows]
+        return batch
+
+    def _logprobs(self, model, batch, with_entropy=False):
+        return token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"].shape[1],
+                              self.config.temperature, with_entropy)
+
+    def update(self, roll: Rollout, seed: int) -> dict:
+        """Micro-batched clipped-surrogate updates with old log-probs fixed (one AdamW step each)."""
+        cfg = self.config
+        order = torch.randperm(len(roll.response_ids), generator=torch.Generator().manual_seed(seed)).tolist()
+        batches = [self._micro_batch(roll, rows) for rows in _chunks(order, cfg.micro_batch_size)]
+        self.model.train()
+        with torch.no_grad():
+            for batch in batches:
+                batch["old_logp"], _ = self._logprobs(self.model, batch)
+                batch["ref_logp"] = self._logprobs(self.ref_model, batch)[0] if self.ref_model is not None else None
+        gap = sum(((b["old_logp"] - b["gen_logp"]).abs() * b["response_mask"]).sum() for b in batches)
+        stats = {"logp_gen_gap": (gap / sum(b["response_mask"].sum() for b in batches)).item()}
+
+        logs = []
+        for _ in range(cfg.ppo_epochs):
+            for batch in batches:
+                logp, entropy = self._logprobs(self.model, batch, with_entropy=cfg.entropy_coef > 0)
+                loss, diag = policy_loss(logp, batch["old_logp"], batch["advantages"], batch["gamma"],
+                                         batch["response_mask"], cfg.clip_eps, cfg.clip_eps_high, cfg.norm, cfg.sign,
+                                         batch["ref_logp"], cfg.kl_coef, entropy, cfg.entropy_coef)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                logs.append({"loss": loss.item(), "grad_norm": grad_norm.item(), **diag})
+        stats.update({key: sum(d[key] for d in logs) / len(logs) for key in logs[0]})
+        return stats
+
+    # ---- one step ----
+
+    def step(self, examples: list) -> dict:
+        """One rollout batch -> one round of updates. Returns float metrics for the logger.
+
+        Metrics: reward_mean, reward_std, accuracy, response_length, truncated_frac, zero_adv_frac
+        (share of groups with equal rewards), gamma_mean, amplified_frac (share of response
+        tokens with gamma > 1 after the sign rule), loss, grad_norm, clip_frac, approx_kl,
+        ratio_mean, logp_gen_gap, kl_ref (when kl_coef > 0), time_generate (sampling and
+        scoring), time_credit, time_update (old log-probs and optimizer steps), time_step, step.
+        """
+        cfg = self.config
+        if len(examples) != cfg.prompts_per_step:
+            raise ValueError(f"step() needs rollout_batch_size / group_size = {cfg.prompts_per_step} examples, "
+                             f"got {len(examples)}")
+        gen_seed, credit_seed, order_seed = torch.randint(0, 2 ** 62, (3,), generator=self.rng).tolist()
+        t0 = time.perf_counter()
+        roll = self.rollout(examples, gen_seed)
+        t1 = time.perf_counter()
+        self.credit(roll, credit_seed)
+        t2 = time.perf_counter()
+        stats = self.update(roll, order_seed)
+        t3 = time.perf_counter()
+        self.steps += 1
+
+        gamma = torch.cat([apply_sign(g[None], a[None], cfg.sign)[0] for g, a in zip(roll.gammas, roll.advantages)])
+        groups = roll.rewards.view(-1, cfg.group_size)
+        metrics = {
+            "step": float(self.steps),
+            "reward_mean": roll.rewards.mean().item(),
+            "reward_std": roll.rewards.std().item(),
+            "accuracy": roll.correct.mean().item(),
+            "response_length": float(sum(len(r) for r in roll.response_ids)) / len(roll.response_ids),
+            "truncated_frac": roll.truncated.mean().item(),
+            "zero_adv_frac": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+            "gamma_mean": gamma.mean().item() if gamma.numel() else 1.0,
+            "amplified_frac": (gamma > 1).float().mean().item() if gamma.numel() else 0.0,
+            **stats,
+            "time_generate": t1 - t0,
+            "time_credit": t2 - t1,
+            "time_update": t3 - t2,
+            "time_step": t3 - t0,
+        }
+        return metrics
+
+    # ---- evaluation ----
+
+    def evaluate(self, examples: list, greedy: bool = True, k: int = 1) -> dict:
+        """Held-out accuracy as the paper reports it.
+
+        greedy=True: one greedy decode per problem, accuracy = pass@1 (k must be 1).
+        greedy=False: k samples per problem at config.temperature; accuracy = pass@1 of the first
+        sample, avg_at_k = mean accuracy over all k samples (AIME's avg@16).
+        Uses config.eval_seed, not the training random stream.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if greedy and k != 1:
+            raise ValueError("greedy decoding gives k identical samples; use greedy=False for avg@k")
+        if not examples:
+            raise ValueError("evaluate() needs at least one example")
+        prompts = [ids for ids in (self.encode_prompt(ex) for ex in examples) for _ in range(k)]
+        responses = []
+        for i in range(0, len(prompts), self.config.eval_batch_size):
+            tokens, _ = self._generate(prompts[i:i + self.config.eval_batch_size],
+                                       0.0 if greedy else self.config.temperature, self.config.eval_seed + i)
+            responses += tokens
+        correct = torch.tensor([float(bool(self.task.correct(self._response_text(r), ex)))
+                                for r, ex in zip(responses, (ex for ex in examples for _ in range(k)))])
+        correct = correct.view(len(examples), k)  # (P, k)
+        return {
+            "accuracy": correct[:, 0].mean().item(),
+            "avg_at_k": correct.mean().item(),
+            "k": float(k),
+            "response_length": float(sum(len(r) for r in responses)) / len(responses),
+        }
+
+    # ---- checkpointing ----
+
+    def state_dict(self) -> dict:
+        """Trainer state as a flat dict of tensors: RNG, step count, AdamW moments and lr."""
+        out = {"rng": self.rng.get_state(), "steps": torch.tensor(self.steps, dtype=torch.long)}
+        sd = self.optimizer.state_dict()
+        for pid, state in sd["state"].items():
+            for name, value in state.items():
+                out[f"optim.{pid}.{name}"] = torch.as_tensor(value).clone().contiguous()
+        for g, group in enumerate(sd["param_groups"]):
+            out[f"optim.group{g}.lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self.steps = int(state["steps"])
+        sd = self.optimizer.state_dict()
+        sd["state"] = {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if parts[0] != "optim":
+                continue
+            if parts[1].startswith("group"):
+                sd["param_groups"][int(parts[1][5:])]["lr"] = float(value)
+            else:
+                sd["state"].setdefault(int(parts[1]), {})[parts[2]] = value
+        self.optimizer.load_state_dict(sd)
+
+
+def _chunks(seq, size: int) -> list:
+    seq = list(seq)
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+def _first_not_none(*values) -> Any:
+    return next(v for v in values if v is not None)
