@@ -1,0 +1,335 @@
+import json
+import random
+import sys
+import time
+import warnings
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tasks  # noqa: E402
+from tasks import (EquationError, countdown_reward, countdown_worked_solution, extract_boxed,  # noqa: E402
+                   gsm8k_reward, make_task, parse_equation, parse_number, solve_countdown)
+
+
+def answer(eq):
+    return f"some thinking</think> <answer>{eq}</answer>"
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+@pytest.mark.parametrize("eq, value, used", [
+    ("(12+5)*3", 51, [12, 5, 3]),
+    ("12 + 5 * 3", 27, [12, 5, 3]),
+    ("100 - 4 - 3 * 2", 90, [100, 4, 3, 2]),    # left-associative minus, * before -
+    ("8 / (3 - 8 / 3)", 24, [8, 3, 8, 3]),       # needs exact fractions: 3 - 8/3 = 1/3
+    ("7 / 2", Fraction(7, 2), [7, 2]),
+    (" ( ( 4 ) ) ", 4, [4]),
+    ("0", 0, [0]),
+])
+def test_parse_known_values(eq, value, used):
+    assert parse_equation(eq) == (value, used)
+
+
+@pytest.mark.parametrize("eq", ["", "1+", "(1+2", "1+2)", "1 2", "-1+2", "1++2", "2*/3", "()", "05+1",
+                                "1.5*2", "2**3", "1/0", "4/(2-2)", "1=1", "x+1", "١٢", "１２",
+                                "1234567890+1"])
+def test_parse_rejects(eq):
+    with pytest.raises(EquationError):
+        parse_equation(eq)
+
+
+# ---------------------------------------------------------------------------------------------- reward table
+
+@pytest.mark.parametrize("response, expected", [
+    ("no tags at all: (12+5)*3", 0.0),
+    ("<answer>(12+5)*3", 0.0),                           # never closed
+    ("(12+5)*3</answer>", 0.0),                          # never opened
+    (answer("(12+5)*3"), 1.0),
+    (answer(" 3 * (5 + 12) "), 1.0),                     # any order, spaces
+    (answer("(12+5)*3") + " trailing words", 1.0),
+    (answer("12+5+3"), 0.1),                             # right numbers, misses the target
+    (answer("(12+5)*4"), 0.1),                           # a number not in the list
+    (answer("(12+12)*3"), 0.1),                          # 12 used twice, 5 missing
+    (answer("17*3"), 0.1),                               # missing numbers
+    (answer("(12+5)*3*1"), 0.1),                         # extra number
+    (answer("(12+5)*3 = 51"), 0.1),                      # '=' is not allowed
+    (answer(""), 0.1),
+    (answer("(12+5)*3") + " <answer>12+5+3</answer>", 0.1),   # the last block counts
+    (answer("12+5+3") + " <answer>(12+5)*3</answer>", 1.0),
+])
+def test_countdown_reward_table(response, expected):
+    assert countdown_reward(response, [12, 5, 3], 51) == expected
+
+
+def test_reward_with_repeated_given_numbers():
+    assert countdown_reward(answer("8/(3-8/3)"), [3, 3, 8, 8], 24) == 1.0
+    assert countdown_reward(answer("8*3"), [3, 3, 8, 8], 24) == 0.1
+
+
+UNTRUSTED = {
+    "python code": "__import__('os').system('touch /tmp/pwned')",
+    "power tower": "9**9**9**9",
+    "deep nesting": "(" * 100_000 + "1" + ")" * 100_000,
+    "1 MB": "1+" * 500_000 + "1",
+    "many digits": "9" * 100_000,
+    "division by zero": "12/(5-5)*3",
+    "arabic-indic digits": "(١٢+5)*3",
+    "fullwidth digits": "(１２+5)*3",
+    "leading zeros": "(012+5)*3",
+    "unknown numbers": "(12+6)*3-3",
+    "decimal": "(12.0+5)*3",
+    "lambda": "(lambda: 51)()",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNTRUSTED))
+def test_untrusted_answers_fail_fast(name):
+    start = time.perf_counter()
+    reward = countdown_reward(answer(UNTRUSTED[name]), [12, 5, 3], 51)
+    assert time.perf_counter() - start < 0.1
+    assert reward == 0.1
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_untrusted_whole_responses_fail_fast():
+    # huge responses, many unclosed tags: extraction must stay linear
+    for response in ["<answer>" * 200_000, "x" * 1_000_000 + "</answer>", "<answer>1" + "</answer>" * 100_000]:
+        start = time.perf_counter()
+        reward = countdown_reward(response, [12, 5, 3], 51)
+        assert time.perf_counter() - start < 0.1
+        assert reward in (0.0, 0.1)
+
+
+def test_deep_nesting_within_limit_parses():
+    depth = tasks.MAX_PAREN_DEPTH
+    assert parse_equation("(" * depth + "51" + ")" * depth) == (51, [51])
+    with pytest.raises(EquationError, match="nested"):
+        parse_equation("(" * (depth + 1) + "51" + ")" * (depth + 1))
+
+
+# ---------------------------------------------------------------------------------------------- solver / generator
+
+def test_solver_known_instances():
+    for numbers, target in [([12, 5, 3], 51), ([3, 3, 8, 8], 24), ([1, 5, 5, 5], 24), ([4, 7, 9, 11], 1)]:
+        eq = solve_countdown(numbers, target)
+        value, used = parse_equation(eq)
+        assert value == target and sorted(used) == sorted(numbers)
+    assert solve_countdown([1, 1, 1, 1], 97) is None
+    assert solve_countdown([2, 3], 7) is None
+
+
+def test_worked_solution_format():
+    text = countdown_worked_solution([12, 5, 3], 51)
+    assert text.endswith("</answer>") and "</think> <answer>" in text and not text.startswith("<think>")
+    assert "12+5=17" in text
+    assert countdown_worked_solution([12, 5, 3], 51, prompt_style="compact").startswith("<think>")
+    with pytest.raises(ValueError, match="no solution"):
+        countdown_worked_solution([1, 1, 1, 1], 97)
+
+
+@pytest.fixture(scope="module")
+def countdown():
+    return make_task("countdown", seed=0)
+
+
+def test_countdown_sizes_and_disjoint(countdown):
+    assert (len(countdown.train), len(countdown.test)) == (20_000, 512)
+    key = lambda ex: (tuple(sorted(ex.answer["numbers"])), ex.answer["target"])  # noqa: E731
+    train_keys, test_keys = {key(e) for e in countdown.train}, {key(e) for e in countdown.test}
+    assert len(train_keys) == 20_000 and len(test_keys) == 512 and not train_keys & test_keys
+    for ex in countdown.test:
+        assert len(ex.answer["numbers"]) == 4 and all(1 <= n <= 99 for n in ex.answer["numbers"])
+        assert 1 <= ex.answer["target"] <= 100
+
+
+def test_countdown_instances_solvable(countdown):
+    rng = random.Random(0)
+    for ex in countdown.test[:100] + countdown.train[:100]:
+        assert solve_countdown(ex.answer["numbers"], ex.answer["target"]) is not None
+        for r in (None, rng):
+            response = countdown.worked_solution(ex, r)
+            assert countdown.reward(response, ex) == 1.0 and countdown.correct(response, ex)
+
+
+def test_countdown_prompt_tinyzero(countdown):
+    ex = countdown.test[0]
+    assert ex.prompt.endswith("Assistant: Let me solve this step by step.\n<think>")
+    assert "User:" in ex.prompt and "<answer> </answer>" in ex.prompt and str(ex.answer["target"]) in ex.prompt
+    assert str(ex.answer["numbers"]) in ex.prompt
+
+
+def test_countdown_determinism_and_options():
+    a = make_task("countdown", seed=3, n_train=50, n_test=20, num_numbers=3, prompt_style="compact")
+    b = make_task("countdown", seed=3, n_train=50, n_test=20, num_numbers=3, prompt_style="compact")
+    c = make_task("countdown", seed=4, n_train=50, n_test=20, num_numbers=3, prompt_style="compact")
+    assert [e.answer for e in a.train + a.test] == [e.answer for e in b.train + b.test]
+    assert [e.answer for e in a.train] != [e.answer for e in c.train]
+    ex = a.test[0]
+    assert ex.prompt == " ".join(map(str, ex.answer["numbers"])) + f" -> {ex.answer['target']}\n"
+    assert all(len(e.answer["numbers"]) == 3 for e in a.train)
+    assert a.reward(a.worked_solution(ex), ex) == 1.0
+    # the test split does not depend on the train size
+    d = make_task("countdown", seed=3, n_train=10, n_test=20, num_numbers=3)
+    assert [e.answer for e in d.test] == [e.answer for e in a.test]
+
+
+def test_countdown_bad_arguments():
+    with pytest.raises(ValueError, match="num_numbers"):
+        make_task("countdown", num_numbers=5)
+    with pytest.raises(ValueError, match="prompt_style"):
+        make_task("countdown", prompt_style="chat")
+    with pytest.raises(ValueError, match="generated"):
+        make_task("countdown", data="x.jsonl")
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("sudoku")
+
+
+# ---------------------------------------------------------------------------------------------- gsm8k
+
+@pytest.mark.parametrize("text, value", [
+    ("1,000", 1000), ("1000", 1000), ("1000.00", 1000), ("$1,000", 1000), ("\\$1,000.", 1000),
+    ("-3", -3), ("0.5", Fraction(1, 2)), (".5", Fraction(1, 2)), ("\\frac{3}{4}", Fraction(3, 4)),
+    ("3/4", Fraction(3, 4)), ("25\\%", 25), (" 18 ", 18),
+])
+def test_parse_number(text, value):
+    assert parse_number(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1e5", "١٢", "１２", "1/0", "9" * 100, "1,2", "\\frac{}{2}", "/2"])
+def test_parse_number_rejects(text):
+    assert parse_number(text) is None
+
+
+def test_extract_boxed_nested():
+    assert extract_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}} end") == "\\frac{1}{2}"
+    assert extract_boxed("\\boxed{{a}{b}}") == "{a}{b}"
+    assert extract_boxed("\\boxed{unclosed") is None
+    assert extract_boxed("nothing") is None
+
+
+@pytest.mark.parametrize("response, gold, extract, expected", [
+    ("so \\boxed{1,000}", "1000", "boxed", 1.0),
+    ("so \\boxed{1000.00}", "1,000", "boxed", 1.0),
+    ("so \\boxed{\\$1000}.", "1000", "boxed", 1.0),
+    ("so \\boxed{999}", "1000", "boxed", 0.0),
+    ("\\boxed{1000} wait, \\boxed{12}", "1000", "boxed", 0.0),    # the last box counts
+    ("the answer is 1000", "1000", "boxed", 0.0),                  # no box
+    ("first 7, then 3 apples and finally 1,000.", "1000", "last_number", 1.0),
+    ("it is 1000 or maybe 12", "1000", "last_number", 0.0),
+    ("loss of -5", "-5", "last_number", 1.0),
+])
+def test_gsm8k_reward(response, gold, extract, expected):
+    assert gsm8k_reward(response, gold, extract) == expected
+
+
+def test_gsm8k_untrusted_responses_fail_fast():
+    huge = ["\\boxed{" * 200_000, "1" * 1_000_000, "1," * 500_000, "-" * 1_000_000,
+            "\\boxed{" + "{" * 999 + "}" * 1000, "\\boxed{١٢}", "\\boxed{1e999999999}"]
+    for response in huge:
+        for extract in ("boxed", "last_number"):
+            start = time.perf_counter()
+            assert gsm8k_reward(response, "12", extract) == 0.0
+            assert time.perf_counter() - start < 0.1
+
+
+def test_last_number_window_drops_cut_number():
+    # the only number straddles the scan window's start: read nothing rather than its tail
+    text = "1" * 20 + "x" * (tasks.LAST_NUMBER_WINDOW - 10)
+    assert gsm8k_reward(text, "1" * 10, "last_number") == 0.0
+    assert gsm8k_reward("12 " + "x" * 100, "12", "last_number") == 1.0
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GSM_ROWS = [
+    {"question": "Tom has 3 apples. He buys 4 more. How many apples does he have?",
+     "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
+    {"question": "A car costs $1,200 and a bike $300. What do both cost?", "answer": "...\n#### 1,500"},
+]
+
+
+def test_gsm8k_from_jsonl(tmp_path):
+    task = make_task("gsm8k", data=write_jsonl(tmp_path / "gsm.jsonl", GSM_ROWS))
+    assert len(task.train) == len(task.test) == 2
+    ex = task.test[0]
+    assert ex.answer == "7"
+    assert ex.prompt == ("System: Please reason step by step, and put your final answer within \\boxed{}.\n"
+                         "Context: Tom has 3 apples. He buys 4 more.\n"
+                         "Question: How many apples does he have?\nAnswer:")
+    assert task.reward("3 + 4 = 7, so \\boxed{7}", ex) == 1.0 and task.correct("\\boxed{7.0}", ex)
+    assert task.reward("\\boxed{1500}", task.test[1]) == 1.0
+    last = make_task("gsm8k", data=tmp_path / "gsm.jsonl", extract="last_number")
+    assert last.reward("he has 7 apples", last.test[0]) == 1.0
+
+
+def test_gsm8k_splits_from_dict_and_dir(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", GSM_ROWS)
+    write_jsonl(tmp_path / "test.jsonl", GSM_ROWS[:1])
+    for data in (tmp_path, {"train": tmp_path / "train.jsonl", "test": tmp_path / "test.jsonl"}):
+        task = make_task("gsm8k", data=data)
+        assert (len(task.train), len(task.test)) == (2, 1)
+
+
+def test_gsm8k_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        make_task("gsm8k", data=tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="no examples"):
+        make_task("gsm8k", data=write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: not valid JSON"):
+        make_task("gsm8k", data=write_jsonl(tmp_path / "bad.jsonl", GSM_ROWS + ['{"question": ']))
+    with pytest.raises(ValueError, match=r"line 2: missing field 'answer'"):
+        make_task("gsm8k", data=write_jsonl(tmp_path / "noans.jsonl", GSM_ROWS[:1] + [{"question": "q"}]))
+    with pytest.raises(ValueError, match=r"line 1: missing field 'question'"):
+        make_task("gsm8k", data=write_jsonl(tmp_path / "noq.jsonl", [{"answer": "#### 1"}]))
+    with pytest.raises(ValueError, match=r"line 1: field 'answer' must end with '#### <number>'"):
+        make_task("gsm8k", data=write_jsonl(tmp_path / "nonum.jsonl", [{"question": "q", "answer": "seven"}]))
+    with pytest.raises(ValueError, match="line 1: expected a JSON object"):
+        make_task("gsm8k", data=write_jsonl(tmp_path / "list.jsonl", ["[1, 2]"]))
+    with pytest.raises(ValueError, match="extract"):
+        make_task("gsm8k", data=tmp_path / "nonum.jsonl", extract="first")
+
+
+def test_hub_without_datasets_says_pass_a_file(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail, no network
+    for name in ("gsm8k", "math"):
+        with pytest.raises(ValueError, match="data=<path to a JSONL file>"):
+            make_task(name)
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+def test_math_task_fallback_comparison(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)   # exercise the fallback even if installed
+    monkeypatch.setattr(tasks, "_warned_no_math_verify", False)
+    rows = [{"problem": "Compute 1/2 + 1/4.", "answer": "\\frac{3}{4}"},
+            {"question": "Angle?", "solution": "It is \\boxed{90^\\circ}."},
+            {"problem": "Solve for x.", "solution": "So \\boxed{x = 5}", "answer": "5"}]
+    task = make_task("math", data=write_jsonl(tmp_path / "math.jsonl", rows))
+    a, b, c = task.test
+    assert b.answer == "90^\\circ" and c.answer == "5"
+    with pytest.warns(UserWarning, match="math-verify is not installed"):
+        assert task.reward("\\boxed{\\dfrac{3}{4}}", a) == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # warned only once
+        assert task.reward("\\boxed{0.75}", a) == 1.0
+        assert task.reward("\\boxed{3/5}", a) == 0.0
+        assert task.reward("\\boxed{90}", b) == 1.0
+        assert task.reward("\\boxed{x=5}", c) == 1.0
+        assert task.reward("the answer is 5", c) == 0.0
+    with pytest.raises(ValueError, match="boxed"):
+        make_task("math", data=tmp_path / "math.jsonl", extract="last_number")
+    with pytest.raises(ValueError, match=r"line 1: missing field 'answer' \(or a 'solution'"):
+        make_task("math", data=write_jsonl(tmp_path / "m.jsonl", [{"problem": "p", "solution": "no box"}]))
+
+
+def test_math_verify_when_installed():
+    pytest.importorskip("math_verify")
+    assert tasks.math_reward("\\boxed{\\frac{1}{2}}", "0.5") == 1.0
+    assert tasks.math_reward("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}") == 1.0
+    assert tasks.math_reward("\\boxed{3}", "\\frac{1}{2}") == 0.0
