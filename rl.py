@@ -24,7 +24,7 @@ Project defaults (the paper is silent on these; they are decided here, in one pl
   (no gradient accumulation), with the old log-probs fixed for the whole rollout batch.
 - Old log-probs are recomputed by a forward of the current policy before any update, on the
   same micro-batches and with the same code as the update, so the first micro-step starts at
-  ratio exactly 1. The generate-time log-probs differ by numerics (KV cache, other padding);
+  ratio 1. The generate-time log-probs differ by numerics (KV cache, other padding);
   their mean gap is reported as the metric `logp_gen_gap`.
 - Log-probs are taken under softmax(logits / temperature), the distribution that was sampled
   (temperature 1.0 in the paper, where this is plain softmax).
@@ -47,7 +47,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-STRATEGIES = ("none", "random", "entropy", "local", "global", "coupled")
+from attention_metrics import LAYER_CHOICES, STRATEGIES, credit_gamma, default_layers, rhythm_signals
+
 NORMS = ("sequence", "token")
 SIGNS = ("both", "positive", "negative")
 
@@ -81,8 +82,10 @@ class RLConfig:
     k: int = 3
     alpha: float = 0.5
     bottom: bool = False             # bottom-q ablation
-    credit_layers: tuple | None = None   # None: five layers of the middle third (paper)
+    credit_layers: str | tuple = "middle"   # five layers of a band: middle (paper) | all | top | bottom,
+    #                                           or explicit layer indices (layer ablation)
     credit_heads: str = "targeted"   # "targeted" head groups, or "all" heads (ablation)
+    credit_method: str = "lean"      # rhythm_signals path: "lean" (tiled, no N x N maps) or "explicit"
     window: int = 10                 # W of WAAD, Eq. 9
     h_lo: int = 10                   # FAI horizon, Eq. 10
     h_hi: int = 100
@@ -109,10 +112,17 @@ class RLConfig:
                              f"({self.rollout_batch_size})")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if isinstance(self.credit_layers, str):
+            _check_choice("credit_layers", self.credit_layers, LAYER_CHOICES)
+        _check_choice("credit_heads", self.credit_heads, ("targeted", "all"))
+        _check_choice("credit_method", self.credit_method, ("lean", "explicit"))
         _check_choice("norm", self.norm, NORMS)
         _check_choice("sign", self.sign, SIGNS)
         if self.ppo_epochs < 1 or self.max_new_tokens < 1:
             raise ValueError("ppo_epochs and max_new_tokens must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for GRPO sampling (greedy groups have no spread), "
+                             f"got {self.temperature}")
 
     @property
     def prompts_per_step(self) -> int:
@@ -272,7 +282,7 @@ def token_logprobs(model, input_ids, attention_mask, n_resp: int, temperature: f
         raise ValueError(f"n_resp ({n_resp}) must be smaller than the sequence length ({T})")
     h, _, _ = model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, C)
     logits = model.lm_head(h[:, T - n_resp - 1:T - 1]).float()  # (B, n_resp, V)
-    if temperature > 0:
+    if temperature not in (0, 1):
         logits = logits / temperature
     targets = input_ids[:, T - n_resp:]  # (B, n_resp)
     lse = torch.logsumexp(logits, dim=-1)  # (B, n_resp)
@@ -374,34 +384,39 @@ class GRPO:
         if cfg.strategy == "none":
             roll.gammas = [torch.ones(n) for n in lengths]
             return
-        from attention_metrics import credit_gamma, rhythm_signals
         generator = torch.Generator().manual_seed(seed)
         kw = dict(q=cfg.q, gamma_amp=cfg.gamma_amp, k=cfg.k, alpha=cfg.alpha, bottom=cfg.bottom, generator=generator)
         if cfg.strategy == "random":
             roll.gammas = [credit_gamma("random", waad=torch.zeros(n), **kw) for n in lengths]
             return
+        layers = cfg.credit_layers
+        if isinstance(layers, str):
+            layers = default_layers(self.model.config.num_hidden_layers, layers)
         gammas = []
         self.model.eval()
         with torch.no_grad():
             for rows in _chunks(range(len(lengths)), cfg.micro_batch_size):
-                batch = build_batch([roll.prompt_ids[b] for b in rows], [roll.response_ids[b] for b in rows], self.pad_id)
+                batch = self._batch(roll, rows)
                 signals = rhythm_signals(self.model, batch["input_ids"], batch["starts"], batch["attention_mask"],
-                                         layers=cfg.credit_layers, heads=cfg.credit_heads, window=cfg.window,
-                                         h_lo=cfg.h_lo, h_hi=cfg.h_hi)
+                                         layers=layers, heads=cfg.credit_heads, window=cfg.window,
+                                         h_lo=cfg.h_lo, h_hi=cfg.h_hi, method=cfg.credit_method)
                 for s in signals:
                     gammas.append(credit_gamma(cfg.strategy, waad=s["waad"], fai=s["fai"], entropy=s["entropy"], **kw)
-                                  .detach().float())
+                                  .detach().float().cpu())
         roll.gammas = gammas
 
     # ---- update ----
 
-    def _micro_batch(self, roll: Rollout, rows: list) -> dict:
+    def _batch(self, roll: Rollout, rows: list, with_update_fields: bool = False) -> dict:
+        """build_batch over the given responses, plus (for the update) their gammas, generate-time
+        log-probs and advantages, all on the model's device."""
         batch = build_batch([roll.prompt_ids[b] for b in rows], [roll.response_ids[b] for b in rows], self.pad_id)
-        n_resp = batch["response_mask"].shape[1]
-        batch["gamma"] = right_align([roll.gammas[b].tolist() for b in rows], n_resp, 1.0)
-        batch["gen_logp"] = right_align([roll.gen_logp[b] for b in rows], n_resp, 0.0)
-        batch["advantages"] = roll.advantages[rows]
-        return batch
+        if with_update_fields:
+            n_resp = batch["response_mask"].shape[1]
+            batch["gamma"] = right_align([roll.gammas[b].tolist() for b in rows], n_resp, 1.0)
+            batch["gen_logp"] = right_align([roll.gen_logp[b] for b in rows], n_resp, 0.0)
+            batch["advantages"] = roll.advantages[rows]
+        return {key: value.to(self.model.device) for key, value in batch.items()}
 
     def _logprobs(self, model, batch, with_entropy=False):
         return token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"].shape[1],
@@ -411,7 +426,7 @@ class GRPO:
         """Micro-batched clipped-surrogate updates with old log-probs fixed (one AdamW step each)."""
         cfg = self.config
         order = torch.randperm(len(roll.response_ids), generator=torch.Generator().manual_seed(seed)).tolist()
-        batches = [self._micro_batch(roll, rows) for rows in _chunks(order, cfg.micro_batch_size)]
+        batches = [self._batch(roll, rows, with_update_fields=True) for rows in _chunks(order, cfg.micro_batch_size)]
         self.model.train()
         with torch.no_grad():
             for batch in batches:
@@ -526,6 +541,7 @@ class GRPO:
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned (e.g. read back with safetensors.torch.load_file)."""
         self.rng.set_state(state["rng"])
         self.steps = int(state["steps"])
         sd = self.optimizer.state_dict()

@@ -1,0 +1,352 @@
+"""rl.py: hand-computed GRPO advantages and losses, autograd checks, and tiny end-to-end runs."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from rl import GRPO, RLConfig, apply_sign, build_batch, group_advantages, policy_loss, token_logprobs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matmuls are far faster on one thread than contended on a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -----------------------------------------------------------------------------
+# group_advantages (Eq. 6)
+
+def test_group_advantages_hand_values():
+    # group 1: mean 0.5, unbiased std sqrt(1/3); group 2: G=4 all equal -> 0
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.3, 0.3, 0.3]), 4, eps=0.0)
+    s = 0.5 / math.sqrt(1 / 3)
+    assert torch.allclose(adv, torch.tensor([s, -s, -s, s, 0, 0, 0, 0]), atol=1e-6)
+    assert torch.equal(adv[4:], torch.zeros(4))
+
+
+def test_group_advantages_two_responses_and_eps():
+    adv = group_advantages(torch.tensor([2.0, 0.0]), 2, eps=0.1)
+    # mean 1, unbiased std sqrt(2): (2 - 1) / (sqrt(2) + 0.1)
+    expected = 1 / (math.sqrt(2) + 0.1)
+    assert torch.allclose(adv, torch.tensor([expected, -expected]), atol=1e-6)
+
+
+def test_group_advantages_all_equal_is_zero_not_nan():
+    adv = group_advantages(torch.zeros(6), 3, eps=0.0)
+    assert torch.equal(adv, torch.zeros(6))
+
+
+@pytest.mark.parametrize("rewards, G, match", [
+    (torch.zeros(5), 2, "does not divide"),
+    (torch.zeros(4), 1, "group_size must be >= 2"),
+    (torch.zeros(2, 2), 2, "must be 1-D"),
+])
+def test_group_advantages_bad_input(rewards, G, match):
+    with pytest.raises(ValueError, match=match):
+        group_advantages(rewards, G)
+
+
+# -----------------------------------------------------------------------------
+# apply_sign (Table 7a)
+
+def test_apply_sign_rules():
+    gamma = torch.full((3, 2), 1.5)
+    adv = torch.tensor([1.0, -1.0, 0.0])
+    assert torch.equal(apply_sign(gamma, adv, "both"), gamma)
+    assert torch.equal(apply_sign(gamma, adv, "positive"), torch.tensor([[1.5, 1.5], [1, 1], [1, 1]]))
+    assert torch.equal(apply_sign(gamma, adv, "negative"), torch.tensor([[1, 1], [1.5, 1.5], [1, 1]]))
+    with pytest.raises(ValueError, match="unknown sign"):
+        apply_sign(gamma, adv, "pos")
+
+
+# -----------------------------------------------------------------------------
+# policy_loss (Eq. 12-13)
+
+def _case():
+    """Two responses, every clipping branch, one padded token with an extreme ratio.
+
+    row 0 (A = +1): ratios 1.5 (clipped at 1.2), 1.1 (inside), 0.5 (A > 0 so unclipped branch)
+    row 1 (A = -1): ratios 0.5 (clipped at 0.8), 1.5 (A < 0 so unclipped branch), pad (0.1)
+    per-token losses: [-1.2, -1.1, -0.5], [0.8, 1.5, -]
+    """
+    ratios = torch.tensor([[1.5, 1.1, 0.5], [0.5, 1.5, 0.1]])
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, -2.0]])
+    return dict(logp=old + ratios.log(), old_logp=old, advantages=torch.tensor([1.0, -1.0]),
+                gamma=torch.ones(2, 3), mask=torch.tensor([[1.0, 1, 1], [1, 1, 0]]))
+
+
+def test_policy_loss_hand_values_both_norms():
+    c = _case()
+    loss_seq, diag = policy_loss(**c, norm="sequence")
+    assert loss_seq.item() == pytest.approx(((-1.2 - 1.1 - 0.5) / 3 + (0.8 + 1.5) / 2) / 2, abs=1e-6)
+    loss_tok, _ = policy_loss(**c, norm="token")
+    assert loss_tok.item() == pytest.approx((-1.2 - 1.1 - 0.5 + 0.8 + 1.5) / 5, abs=1e-6)
+    assert diag["clip_frac"] == pytest.approx(2 / 5)
+    assert diag["ratio_mean"] == pytest.approx((1.5 + 1.1 + 0.5 + 0.5 + 1.5) / 5, abs=1e-6)
+    k3 = [1 / r + math.log(r) - 1 for r in (1.5, 1.1, 0.5, 0.5, 1.5)]
+    assert diag["approx_kl"] == pytest.approx(sum(k3) / 5, abs=1e-6)
+
+
+def test_policy_loss_asymmetric_clip():
+    c = _case()
+    loss, diag = policy_loss(**c, norm="token", clip_eps_high=0.28)
+    # only row 0 token 0 changes: clipped at 1.28 instead of 1.2
+    assert loss.item() == pytest.approx((-1.28 - 1.1 - 0.5 + 0.8 + 1.5) / 5, abs=1e-6)
+    loss, diag = policy_loss(**c, norm="token", clip_eps_high=0.6)
+    assert loss.item() == pytest.approx((-1.5 - 1.1 - 0.5 + 0.8 + 1.5) / 5, abs=1e-6)
+    assert diag["clip_frac"] == pytest.approx(1 / 5)
+
+
+def test_policy_loss_gamma_scales_advantage_by_sign_rule():
+    c = _case()
+    c["gamma"] = torch.tensor([[1.0, 2.0, 1.0], [2.0, 1.0, 1.0]])
+    # row 0 token 1: A~ = 2, ratio 1.1 inside -> -2.2; row 1 token 0: A~ = -2, ratio 0.5 -> -min(-1, -1.6) = 1.6
+    both = (-1.2 - 2.2 - 0.5 + 1.6 + 1.5) / 5
+    positive = (-1.2 - 2.2 - 0.5 + 0.8 + 1.5) / 5
+    negative = (-1.2 - 1.1 - 0.5 + 1.6 + 1.5) / 5
+    for sign, expected in (("both", both), ("positive", positive), ("negative", negative)):
+        loss, _ = policy_loss(**c, norm="token", sign=sign)
+        assert loss.item() == pytest.approx(expected, abs=1e-6), sign
+
+
+def _plain_grpo(logp, old_logp, advantages, mask, eps=0.2):
+    """Independent reference: GRPO surrogate with one advantage per response, sequence norm."""
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps, 1 + eps) * a)
+    return ((per_token * mask).sum(1) / mask.sum(1)).mean()
+
+
+def test_gamma_one_is_plain_grpo():
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(4, 6, generator=g) * 3
+    logp = (old + 0.4 * torch.randn(4, 6, generator=g)).requires_grad_()
+    adv = torch.randn(4, generator=g)
+    mask = torch.ones(4, 6)
+    mask[1, :2] = 0
+    mask[3, :5] = 0
+    loss, _ = policy_loss(logp, old, adv, torch.ones(4, 6), mask)
+    ref = _plain_grpo(logp, old, adv, mask)
+    assert torch.equal(loss, ref)
+    g1, = torch.autograd.grad(loss, logp)
+    g2, = torch.autograd.grad(ref, logp)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("norm", ["sequence", "token"])
+def test_policy_loss_gradient_at_ratio_one(norm):
+    """d loss / d logp_t = -gamma_t * A / |o| / B (sequence) or -gamma_t * A / N (token), 0 on padding."""
+    g = torch.Generator().manual_seed(1)
+    B, T = 3, 5
+    logp = (-torch.rand(B, T, generator=g)).requires_grad_()
+    gamma = 1 + 0.5 * (torch.rand(B, T, generator=g) > 0.5).float()
+    adv = torch.tensor([0.7, -1.3, 0.2])
+    mask = torch.ones(B, T)
+    mask[0, :2] = 0
+    mask[2, :4] = 0
+    loss, diag = policy_loss(logp, logp.detach(), adv, gamma, mask, norm=norm)
+    grad, = torch.autograd.grad(loss, logp)
+    denom = mask.sum(1, keepdim=True) * B if norm == "sequence" else mask.sum()
+    assert torch.allclose(grad, -gamma * adv[:, None] * mask / denom, atol=1e-7)
+    assert diag["clip_frac"] == 0 and diag["approx_kl"] == 0 and diag["ratio_mean"] == pytest.approx(1.0)
+
+
+def test_policy_loss_kl_and_entropy_terms():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    ent = torch.tensor([[2.0, 4.0]])
+    base = dict(logp=logp, old_logp=logp, advantages=torch.tensor([0.0]), gamma=torch.ones(1, 2),
+                mask=torch.ones(1, 2))
+    loss, diag = policy_loss(**base, ref_logp=ref, kl_coef=0.1, entropy=ent, entropy_coef=0.01)
+    k3 = [math.exp(x) - x - 1 for x in (-0.5, 1.0)]
+    assert diag["kl_ref"] == pytest.approx(sum(k3) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(0.1 * sum(k3) / 2 - 0.01 * 3.0, abs=1e-6)
+    loss0, _ = policy_loss(**base, ref_logp=ref, entropy=ent)  # coefficients default to 0
+    assert loss0.item() == 0.0
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(gamma=torch.ones(2, 4)), "gamma must have the shape"),
+    (dict(old_logp=torch.ones(3, 3)), "old_logp must have the shape"),
+    (dict(mask=torch.ones(2)), "mask must have the shape"),
+    (dict(advantages=torch.ones(2, 1)), "advantages must be"),
+    (dict(norm="batch"), "unknown norm"),
+    (dict(sign="up"), "unknown sign"),
+])
+def test_policy_loss_bad_input(change, match):
+    with pytest.raises(ValueError, match=match):
+        policy_loss(**{**_case(), **change})
+
+
+# -----------------------------------------------------------------------------
+# batch tensors and log-probs
+
+def test_build_batch_layout():
+    b = build_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9, 10, 11]], pad_id=0)
+    assert b["input_ids"].tolist() == [[0, 5, 6, 7, 1, 2], [8, 3, 4, 9, 10, 11]]
+    assert b["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert b["starts"].tolist() == [4, 1]
+    assert b["response_mask"].tolist() == [[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="at least one token"):
+        build_batch([[]], [[1]], 0)
+
+
+def _tiny_model(seed=0):
+    from model import Qwen3Config, Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(Qwen3Config(**tiny_config()))
+
+
+def test_token_logprobs_match_unpadded_forward():
+    """Padded batched log-probs == log_softmax of each unpadded sequence (off-by-one check)."""
+    model = _tiny_model()
+    prompts, responses = [[5, 6, 7, 8], [9]], [[1, 2], [3, 4, 11, 12, 13]]
+    b = build_batch(prompts, responses, pad_id=0)
+    with torch.no_grad():
+        logp, ent = token_logprobs(model, b["input_ids"], b["attention_mask"], b["response_mask"].shape[1],
+                                   with_entropy=True)
+        for row, (p, r) in enumerate(zip(prompts, responses)):
+            logits, _ = model(torch.tensor([p + r]))
+            lsm = F.log_softmax(logits[0, len(p) - 1:-1].float(), -1)  # (R, V)
+            expected = lsm.gather(-1, torch.tensor(r)[:, None])[:, 0]
+            assert torch.allclose(logp[row, -len(r):], expected, atol=1e-5)
+            assert torch.allclose(ent[row, -len(r):], -(lsm.exp() * lsm).sum(-1), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# end to end on a tiny model
+
+EOS, TARGETS = 299, set(range(10, 20))
+
+
+class StubTokenizer:
+    """Text is space-separated token ids."""
+    eos_id, pad_id = EOS, 0
+
+    def encode(self, text, allow_special=False):
+        return [int(x) for x in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+class ContainsTask:
+    """Reward 1.0 if the response contains a token in TARGETS (about 1 in 3 at initialisation)."""
+    name = "contains"
+
+    def reward(self, response, example):
+        return float(any(int(x) in TARGETS for x in response.split()))
+
+    def correct(self, response, example):
+        return self.reward(response, example) == 1.0
+
+
+EXAMPLES = [SimpleNamespace(prompt=p, answer=None) for p in ("1 2 3", "4 5", "6 7 8 9", "30 31")]
+
+
+def _trainer(strategy, seed=0, **overrides):
+    cfg = RLConfig(**{**dict(group_size=4, rollout_batch_size=16, micro_batch_size=8, max_new_tokens=12, lr=1e-2,
+                             window=4, h_lo=2, h_hi=8), **overrides, "strategy": strategy, "seed": seed})
+    return GRPO(_tiny_model(seed), StubTokenizer(), ContainsTask(), cfg)
+
+
+def _without_times(metrics):
+    return {k: v for k, v in metrics.items() if not k.startswith("time_")}
+
+
+@pytest.mark.parametrize("strategy", ["none", "coupled"])
+def test_grpo_raises_reward(strategy):
+    trainer = _trainer(strategy, micro_batch_size=4)  # 4 optimizer steps per rollout batch
+    before = trainer.evaluate(EXAMPLES, greedy=False, k=16)["avg_at_k"]
+    history = [trainer.step(EXAMPLES) for _ in range(6)]
+    after = trainer.evaluate(EXAMPLES, greedy=False, k=16)["avg_at_k"]
+    assert after > before + 0.25, (before, after, [m["reward_mean"] for m in history])
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in history)
+    if strategy == "coupled":
+        assert all(m["amplified_frac"] > 0 and m["gamma_mean"] > 1 for m in history)
+    else:
+        assert all(m["amplified_frac"] == 0 and m["gamma_mean"] == 1 for m in history)
+
+
+def test_same_seed_same_metrics_and_resume(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    a, b = _trainer("random"), _trainer("random")
+    run_a = [_without_times(a.step(EXAMPLES)) for _ in range(3)]
+    run_b = [_without_times(b.step(EXAMPLES)) for _ in range(2)]
+    assert run_a[:2] == run_b
+    assert run_a[0]["logp_gen_gap"] < 1e-4  # recomputed old log-probs agree with generate's
+    expected_keys = {"reward_mean", "accuracy", "response_length", "clip_frac", "amplified_frac", "gamma_mean",
+                     "loss", "grad_norm", "approx_kl", "ratio_mean"}
+    assert expected_keys <= set(run_a[0])
+
+    # resume b from a checkpoint (weights + trainer state through safetensors) into a fresh trainer
+    save_file(b.state_dict(), tmp_path / "trainer.safetensors")
+    save_file({k: v.clone() for k, v in b.model.state_dict().items() if k != "lm_head.weight"},
+              tmp_path / "model.safetensors")
+    c = _trainer("random", seed=5)
+    c.model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    c.load_state_dict(load_file(tmp_path / "trainer.safetensors"))
+    resumed = c.step(EXAMPLES)
+    assert _without_times(resumed) == run_a[2]
+    assert {"time_generate", "time_credit", "time_update"} <= set(resumed)
+
+
+def test_kl_entropy_sign_token_norm_options_run():
+    """The non-default knobs together: reference KL, entropy bonus, positive-only sign, token norm, 2 epochs."""
+    trainer = _trainer("entropy", kl_coef=0.1, entropy_coef=0.01, sign="positive", norm="token", ppo_epochs=2,
+                       temperature=0.7, credit_layers="all", credit_heads="all", credit_method="explicit")
+    ref_before = [p.clone() for p in trainer.ref_model.parameters()]
+    policy_before = [p.clone() for p in trainer.model.parameters()]
+    m = trainer.step(EXAMPLES)
+    assert all(torch.equal(a, b) for a, b in zip(ref_before, trainer.ref_model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(policy_before, trainer.model.parameters()))
+    assert m["kl_ref"] > 0 and math.isfinite(m["loss"]) and m["logp_gen_gap"] < 1e-4
+    assert 0 < m["amplified_frac"] < 5 / 12  # ceil(q * 12) / 12 of each response with A > 0, none of the rest
+
+
+@pytest.mark.parametrize("strategy", ["none", "random"])
+def test_no_attention_pass_for_none_and_random(strategy, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("rhythm_signals must not run for strategy " + strategy)
+
+    monkeypatch.setattr("rl.rhythm_signals", forbidden)
+    trainer = _trainer(strategy, micro_batch_size=4, ppo_epochs=2)
+    m = trainer.step(EXAMPLES)
+    # 16 responses / micro-batch 4 = 4 optimizer steps per epoch, 2 epochs
+    assert trainer.state_dict()["optim.0.step"].item() == 8
+    assert (m["amplified_frac"] > 0) == (strategy == "random")
+
+
+def test_greedy_evaluate_is_deterministic():
+    trainer = _trainer("none")
+    r1, r2 = trainer.evaluate(EXAMPLES), trainer.evaluate(EXAMPLES)
+    assert r1 == r2 and r1["accuracy"] == r1["avg_at_k"]
+    with pytest.raises(ValueError, match="greedy decoding gives k identical"):
+        trainer.evaluate(EXAMPLES, greedy=True, k=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(group_size=1), "group_size must be >= 2"),
+    (dict(group_size=3, rollout_batch_size=16), "multiple of group_size"),
+    (dict(micro_batch_size=5), "must divide rollout_batch_size"),
+    (dict(strategy="attention"), "unknown strategy"),
+    (dict(norm="batch"), "unknown norm"),
+    (dict(sign="up"), "unknown sign"),
+])
+def test_config_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RLConfig(**kwargs)
+
+
+def test_step_needs_prompts_per_step_examples():
+    with pytest.raises(ValueError, match="needs rollout_batch_size / group_size = 4 examples"):
+        _trainer("none").step(EXAMPLES[:3])
