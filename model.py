@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -462,9 +463,7 @@ class Transformer(nn.Module):
         path = Path(path)
         tensors = {hf_name(name): p.detach().to("cpu").contiguous() for name, p in self.named_parameters()}
         shards = _split_into_shards(tensors, max_shard_bytes)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
-        try:
+        with atomic_directory(path, keep=lambda name: not _is_weights_or_config(name)) as staging:
             if len(shards) == 1:
                 save_file(shards[0], staging / "model.safetensors", metadata={"format": "pt"})
             else:
@@ -477,9 +476,6 @@ class Transformer(nn.Module):
                          "weight_map": weight_map}
                 (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             (staging / "config.json").write_text(json.dumps(self.config.to_dict(self.dtype), indent=2))
-            _swap_in_directory(staging, path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def sample_next(logits, temperature, top_p, top_k, generator):
@@ -529,20 +525,31 @@ def _split_into_shards(tensors: dict, max_bytes: int) -> list[dict]:
     return shards
 
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+def _is_weights_or_config(name: str) -> bool:
+    return name in ("config.json", "model.safetensors", "model.safetensors.index.json") or (
+        name.startswith("model-") and name.endswith(".safetensors"))
 
 
-def _swap_in_directory(staging: Path, path: Path):
-    """Replace path by staging with two renames, carrying over files that are not weights or config."""
-    if path.exists():
-        for old in path.iterdir():
-            is_weights = old.name in CHECKPOINT_FILES or (old.name.startswith("model-") and
-                                                          old.name.endswith(".safetensors"))
-            if not is_weights and not (staging / old.name).exists():
-                (shutil.copytree if old.is_dir() else shutil.copy2)(old, staging / old.name)
-        retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.replace(path, retired / path.name)
-        os.replace(staging, path)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, path)
+@contextmanager
+def atomic_directory(path, keep=lambda name: False):
+    """Fill a staging directory, then swap it in for path with renames: readers see the old
+    directory or the new one, never a half-written one. Files of the old directory for which
+    keep(name) is true are carried over. Nothing is swapped in if the block raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.writing-", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            for old in path.iterdir():
+                if keep(old.name) and not (staging / old.name).exists():
+                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, staging / old.name)
+            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, retired / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

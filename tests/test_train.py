@@ -1,0 +1,124 @@
+"""train.py end to end: the smoke run's files, resuming a killed run, and one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from model import Qwen3Config, Transformer
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("time_generate", "time_credit", "time_update", "time_step")
+
+
+def run_train(*args, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {args} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def read_records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "out"
+    run_train("--smoke", "--out", out)
+    return out
+
+
+def test_smoke_run_writes_every_file(smoke_run):
+    records = read_records(smoke_run / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
+    for key in ("reward_mean", "accuracy", "response_length", "amplified_frac", "gamma_mean", "time_credit"):
+        assert key in records[1]
+    for png in ("curves.png", "rhythm_0.png"):
+        assert (smoke_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<html" in (smoke_run / "rhythm_0.html").read_text().lower()
+    config = json.loads((smoke_run / "run_config.json").read_text())
+    assert config["rl"]["strategy"] == "coupled" and config["run"]["steps"] == 4
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert 0.0 <= summary["accuracy_after_rl"] <= 1.0
+
+
+def test_smoke_checkpoint_reloads_in_transformers_with_same_logits(smoke_run):
+    ours = Transformer.from_pretrained(smoke_run / "model").eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(smoke_run / "model").eval()
+    tokenizer = Tokenizer.from_pretrained(smoke_run / "model")
+    ids = torch.tensor([tokenizer.encode("3 7 9 -> 30\n<think>")])
+    with torch.no_grad():
+        assert (ours(ids)[0] - theirs(ids).logits).abs().max() <= 1e-5
+
+
+def test_killed_run_resumes_with_identical_metrics(smoke_run, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--smoke", "--out", str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "checkpoint" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and json.loads(progress.read_text())["step"] >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed after its step-2 checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_train("--resume", out)
+    assert comparable(read_records(out / "metrics.jsonl")) == comparable(read_records(smoke_run / "metrics.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    tokenizer = Tokenizer.byte_level()
+    Transformer(Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            max_position_embeddings=256)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch",
+                                  "group-size-1", "unwritable-out", "unknown-credit"])
+def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"question": "1+1?", "answer": "#### 2"}\n{not json\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args, expected = {
+        "not-a-checkpoint": (["--init", tmp_path], "no config.json"),
+        "missing-data": (["--init", tiny_checkpoint, "--task", "gsm8k", "--data", tmp_path / "nope.jsonl"],
+                         "nope.jsonl"),
+        "malformed-data": (["--init", tiny_checkpoint, "--task", "gsm8k", "--data", bad_jsonl], "line 2"),
+        "micro-gt-batch": (["--smoke", "--rollout-batch", "16", "--micro-batch", "32"], "micro_batch_size"),
+        "group-size-1": (["--smoke", "--group-size", "1"], "group_size must be >= 2"),
+        "unwritable-out": (["--smoke", "--sft-steps", "1", "--out", blocker / "out"], "cannot write"),
+        "unknown-credit": (["--smoke", "--credit", "loud"], "unknown strategy 'loud'"),
+    }[case]
+    if case != "unwritable-out":
+        args = [*args, "--out", out]
+    proc = run_train(*args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert not out.exists()  # nothing half-written
