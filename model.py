@@ -353,7 +353,9 @@ class Transformer(nn.Module):
         Returns the new tokens of each row (a stop token is kept when emitted; rows stop on their
         own). temperature 0 is greedy. With return_logprobs, also the log-probability of each new
         token under softmax(logits / temperature) before top-k/top-p truncation (softmax(logits)
-        when greedy): the sampling policy's log-probs that GRPO needs.
+        when greedy): the sampling policy's log-probs that GRPO needs. seed: an int seeds one
+        generator for the batch; a list gives each row its own, so a row's samples do not depend on
+        which rows share its batch (multi-process runs then sample what one process would).
         """
         if not prompts:
             raise ValueError("generate() needs at least one prompt; got an empty list")
@@ -377,7 +379,11 @@ class Transformer(nn.Module):
             ids[row, longest - len(p):] = torch.tensor(p, device=device)
             key_valid[row, longest - len(p):longest] = True
         generator = None
-        if seed is not None:
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != B:
+                raise ValueError(f"seed list has {len(seed)} entries for {B} prompts; give one seed per prompt")
+            generator = [torch.Generator(device=device).manual_seed(s) for s in seed]
+        elif seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         cache = KVCache(self.config, B, longest + max_new_tokens, self.dtype, device)
@@ -494,7 +500,11 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         # drop a token once the tokens ranked above it already cover top_p (the first always stays)
         drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    probs = logits.softmax(-1)
+    if isinstance(generator, list):  # one generator per row
+        token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+    else:
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return token, logprobs.gather(-1, token[:, None])[:, 0]
 
 

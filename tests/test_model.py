@@ -226,3 +226,13 @@ def test_bad_prompts_are_rejected(tmp_path):
         ours.generate([[1, 2], []], max_new_tokens=5)
     with pytest.raises(ValueError, match="outside"):
         ours.generate([[1, 999]], max_new_tokens=5)
+
+
+def test_per_row_seeds_make_samples_independent_of_the_batch(tmp_path):
+    ours = load_ours(make_hf_model(), tmp_path)
+    prompts = [[7, 8, 9], [1, 2, 3, 4, 5], [11, 12]]
+    together = ours.generate(prompts, 12, temperature=1.0, seed=[10, 11, 12])
+    apart = [ours.generate([p], 12, temperature=1.0, seed=[s])[0] for p, s in zip(prompts, [10, 11, 12])]
+    assert together == apart
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        ours.generate(prompts, 4, temperature=1.0, seed=[1, 2])
