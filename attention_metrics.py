@@ -1,0 +1,940 @@
+"""Section 4 of the paper: attention metrics (head span, WAAD, FAI, receiver heads), the Table-2
+coupling statistics, the Section 5 credit factors gamma, and pictures of the rhythm.
+
+Read it top to bottom:
+  1. project defaults (every decision the paper leaves open, in one place),
+  2. the paper's equations as plain functions of explicit attention maps (H, N, N) or (N, N),
+  3. credit assignment (credit_gamma, Eq. 14-19),
+  4. peaks and the Table-2 coupling statistics,
+  5. rhythm_signals(): the metrics straight from a model, either through explicit maps
+     (method="explicit", the reference) or the memory-lean tiled path (method="lean", default)
+     that never holds an (N, N) map per head,
+  6. pictures: plot_rhythm() (PNG like the paper's Figure 2) and render_html().
+
+One sequence = prompt followed by response; the response starts at index `start` and runs to the
+end. R = N - start is the response length; every token-level metric has one entry per response token.
+
+Project defaults (PAPER.md "Project default" lines, plus the decisions taken in this file):
+  - FAI_s = 0 where its future set T(s) is empty (the last H_lo response tokens).
+  - TopQ selects ceil(q * R) tokens (with a 1e-9 float tolerance, so ceil(0.4 * 5) = 2), highest
+    scores first, ties toward the earlier position; bottom=True takes the lowest, ties again
+    toward the earlier position.
+  - Delta_t = |WAAD_t - WAAD_{t+1}|, Delta of the last response token = 0.
+  - Coupled credit: tau_waad = lower median of the response's WAAD (torch.median); tau_Delta = the
+    smallest Delta inside T_loc; the window t-k..t-1 is clipped to the response (the first response
+    token is never locally dominated); intro(t) = the position of the largest Delta in that window,
+    ties to the latest position; the three terms of Eq. 19 add up and I(D) is a set. With
+    bottom=True both T_loc and T_glob are bottom-q selections (and tau_Delta is the smallest Delta
+    of that bottom T_loc).
+  - Head groups (Eq. 8): each group has max(1, round_half_up(frac * H)) heads (at most H); heads
+    are sorted by span with a stable sort, so equal spans keep the lower head index first. In
+    rhythm_signals the groups are formed per sequence over all (layer, head) pairs of the chosen
+    layers pooled together.
+  - Layers: five evenly spaced layers (rounded half up) inside a band: "middle" =
+    floor(L/3)..floor(2L/3) (the paper's), "bottom" = 0..floor(L/3), "top" = floor(2L/3)..L-1,
+    "all" = 0..L-1; every layer of the band when it has five or fewer.
+  - Receiver heads (Bogdan et al., "Thought Anchors"): the vertical score of response token s is
+    the mean attention it receives from the response rows t >= s + RECEIVER_BAND (the nearby band
+    t - s < RECEIVER_BAND is ignored, as that paper ignores neighbouring sentences); a head's score
+    is the excess kurtosis of those vertical scores over the response tokens that have any such
+    row (undefined, ranked last, when the scores are flat to 1e-6 relative); the top_k heads
+    (default: as many as a head group) are the receiver heads. Ties keep the lower index first.
+  - Peaks (Table 2): x_t > x_{t-1} and x_t >= x_{t+1}, with a missing neighbour at either end
+    counting as -inf, and x_t >= the ceil(0.2 * R)-th largest value of that sequence. "Right after"
+    a WAAD peak w = a position p with 1 <= p - w <= 3 ("at" = p == w).
+  - Coupling statistics are pooled over tokens of all responses (each peak / token counts once),
+    the shuffled baseline is averaged over NUM_SHUFFLES seeded draws.
+"""
+
+import html
+import math
+import operator
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Project defaults
+
+WAAD_WINDOW = 10  # W of Eq. 9
+FAI_H_LO = 10  # H_lo of Eq. 10 (RL default)
+FAI_H_HI = 100  # H_hi of Eq. 10 (RL default; None = to the end of the response, as in the analysis)
+HEAD_GROUP_FRAC = 0.3  # share of heads in H_loc and in H_glob (Eq. 8)
+NUM_ATTN_LAYERS = 5  # "five evenly spaced layers"
+CREDIT_Q = 0.4  # q of TopQ
+GAMMA_AMP = 1.5
+COUPLE_K = 3  # k of Eq. 18
+COUPLE_ALPHA = 0.5  # alpha of Eq. 19
+RECEIVER_BAND = 4  # receiver heads ignore attention from the next RECEIVER_BAND - 1 tokens and self
+PEAK_TOP_FRAC = 0.2  # a peak's value is in the top 20% of its sequence
+PEAK_AFTER_K = 3  # "right after" = 1..3 positions later
+NUM_SHUFFLES = 100  # draws of the shuffled baseline of the third coupling statistic
+FLAT_REL_TOL = 1e-6  # vertical scores agreeing to this relative spread have no kurtosis
+FLOAT_TOL = 1e-9  # slack for ceil(q * R) and round(frac * H) against float error
+
+# Memory of the lean path: one attention tile (heads x rows x keys, fp32) and one logits chunk.
+TILE_BYTES = 32 * 2**20
+LOGIT_CHUNK_BYTES = 32 * 2**20
+MAX_PLOT_POSITIONS = 512  # aggregated maps for pictures cover at most the last 512 positions
+MAX_TICK_LABELS = 80  # token text on the x axis only up to this many response tokens
+
+STRATEGIES = ("none", "random", "entropy", "local", "global", "coupled")
+LAYER_CHOICES = ("middle", "all", "top", "bottom")
+
+# -----------------------------------------------------------------------------
+# Input checks
+
+
+def _check_start(start, n, name="start", minimum=0):
+    if isinstance(start, bool) or not hasattr(start, "__index__"):
+        raise ValueError(f"{name} must be an int, got {type(start).__name__}")
+    if not minimum <= operator.index(start) <= n:
+        raise ValueError(f"{name}={start} is outside the sequence: expected {minimum} <= {name} <= {n}")
+
+
+def _check_maps(attn, start, name):
+    """attn (..., N, N) must be causal and row-stochastic; start in [0, N]."""
+    if not torch.is_tensor(attn) or attn.dim() < 2 or attn.size(-1) != attn.size(-2):
+        shape = tuple(attn.shape) if torch.is_tensor(attn) else type(attn).__name__
+        raise ValueError(f"{name} must be a square attention map (..., N, N), got {shape}")
+    _check_start(start, attn.size(-1))
+    a = attn.detach().float()
+    tol = 1e-4 if attn.dtype in (torch.float32, torch.float64) else 2e-2
+    if not bool(torch.isfinite(a).all()) or bool((a < -tol).any()):
+        raise ValueError(f"{name} must hold finite, non-negative attention probabilities")
+    if a.numel() and float(a.triu(1).abs().max()) > tol:
+        raise ValueError(f"{name} is not causal: a query attends to a later key (nonzero above the diagonal)")
+    if a.numel() and float((a.sum(-1) - 1).abs().max()) > tol:
+        raise ValueError(f"{name} is not row-stochastic: its rows must sum to 1")
+
+
+def _check_window(window, h_lo, h_hi):
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if not isinstance(h_lo, int) or h_lo < 0:
+        raise ValueError(f"h_lo must be an int >= 0, got {h_lo!r}")
+    if h_hi is not None and (not isinstance(h_hi, int) or h_hi < h_lo):
+        raise ValueError(f"h_hi must be None or an int >= h_lo ({h_lo}), got {h_hi!r}")
+
+
+def _check_scores(x, name):
+    if not torch.is_tensor(x) or x.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor with one score per response token")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    return x.float()
+
+
+def _check_frac(value, name, low_open=False):
+    if not isinstance(value, (int, float)) or not (0 < value <= 1 if low_open else 0 <= value <= 1):
+        raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+
+
+def _ceil_frac(q, n):
+    """ceil(q * n), robust to float error (ceil(0.7 * 10) is 7, not 8)."""
+    return min(n, max(0, math.ceil(q * n - FLOAT_TOL)))
+
+
+def group_size(num_heads, frac=HEAD_GROUP_FRAC):
+    """Heads per group (Eq. 8): max(1, round_half_up(frac * H)), at most H."""
+    _check_frac(frac, "frac", low_open=True)
+    return min(num_heads, max(1, math.floor(frac * num_heads + 0.5 + FLOAT_TOL)))
+
+
+# -----------------------------------------------------------------------------
+# The paper's equations on explicit attention maps
+
+
+def _offsets(n, device=None):
+    """(t - s) for every query t and key s: (N, N) long."""
+    pos = torch.arange(n, device=device)
+    return pos[:, None] - pos[None, :]
+
+
+def head_span(attn, start):
+    """Eq. 7: mean attention distance of each head over the response rows. attn (H, N, N) -> (H,)."""
+    if not torch.is_tensor(attn) or attn.dim() != 3:
+        raise ValueError("attn must be a stack of attention maps (H, N, N)")
+    _check_maps(attn, start, "attn")
+    n = attn.size(-1)
+    if start == n:
+        raise ValueError("head_span needs at least one response token (start == N leaves none)")
+    return _span_maps(attn, operator.index(start))
+
+
+def _span_maps(maps, start):
+    dist = _offsets(maps.size(-1), maps.device).clamp(min=0)[start:].float()  # (R, N)
+    return (maps[:, start:].float() * dist).sum(-1).mean(-1)
+
+
+def group_heads(spans, frac=HEAD_GROUP_FRAC):
+    """Eq. 8: (local-focused heads, global-focused heads) as index tensors.
+
+    local = the group_size(H, frac) lowest spans, lowest first; global = as many highest spans,
+    highest first. Stable sorts: equal spans keep the lower index first.
+    """
+    if not torch.is_tensor(spans) or spans.dim() != 1 or spans.numel() == 0:
+        raise ValueError("spans must be a non-empty 1-D tensor with one span per head")
+    if not bool(torch.isfinite(spans).all()):
+        raise ValueError("spans must be finite")
+    n = group_size(spans.numel(), frac)
+    local = torch.sort(spans, stable=True).indices[:n]
+    global_ = torch.sort(spans, descending=True, stable=True).indices[:n]
+    return local, global_
+
+
+def waad(a_loc, start, window=WAAD_WINDOW):
+    """Eq. 9: WAAD_t = sum_s Abar_loc[t, s] * min(t - s, W) for response rows t. (N, N) -> (R,)."""
+    _check_window(window, 0, None)
+    if not torch.is_tensor(a_loc) or a_loc.dim() != 2:
+        raise ValueError("a_loc must be one aggregated map (N, N)")
+    _check_maps(a_loc, start, "a_loc")
+    return _waad_maps(a_loc[None], operator.index(start), window)[0]
+
+
+def _waad_maps(maps, start, window):
+    """Eq. 9 for each map of maps (H, N, N) -> (H, R)."""
+    dist = _offsets(maps.size(-1), maps.device).clamp(0, window)[start:].float()  # (R, N)
+    return (maps[:, start:].float() * dist).sum(-1)
+
+
+def _fai_counts(n, start, h_lo, h_hi, device=None):
+    """|T(s)| of Eq. 10 for each response token s: (R,) long."""
+    s = torch.arange(start, n, device=device)
+    last = torch.full_like(s, n - 1) if h_hi is None else (s + h_hi).clamp(max=n - 1)
+    return (last - (s + h_lo) + 1).clamp(min=0)
+
+
+def _fai_maps(maps, start, h_lo, h_hi):
+    """Eq. 10 for each map of maps (H, N, N) -> (H, R), FAI = 0 where T(s) is empty."""
+    n = maps.size(-1)
+    off = _offsets(n, maps.device)
+    keep = (off >= h_lo) & (torch.arange(n, device=maps.device) >= start)[None, :]  # (t, s)
+    if h_hi is not None:
+        keep &= off <= h_hi
+    sums = (maps.float() * keep).sum(-2)[:, start:]  # column sums over the rows of T(s)
+    counts = _fai_counts(n, start, h_lo, h_hi, maps.device)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+
+
+def fai(a_glob, start, h_lo=FAI_H_LO, h_hi=FAI_H_HI):
+    """Eq. 10: FAI_s = mean of Abar_glob[t, s] over t in T(s) = [s + H_lo, s + H_hi] (clipped to the
+    response); h_hi=None runs to the end of the response; 0 where T(s) is empty. (N, N) -> (R,)."""
+    _check_window(1, h_lo, h_hi)
+    if not torch.is_tensor(a_glob) or a_glob.dim() != 2:
+        raise ValueError("a_glob must be one aggregated map (N, N)")
+    _check_maps(a_glob, start, "a_glob")
+    return _fai_maps(a_glob[None], operator.index(start), h_lo, h_hi)[0]
+
+
+def _entropy_of_logits(logits):
+    """Shannon entropy (nats) of softmax(logits) along the last dim, in fp32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+
+
+def token_entropy(logits, start):
+    """Entropy of the distribution each response token was drawn from. (N, V) -> (R,).
+
+    Response token i (position start + i) was sampled from logits row start + i - 1, so start >= 1.
+    """
+    if not torch.is_tensor(logits) or logits.dim() != 2:
+        raise ValueError("logits must be (N, V)")
+    _check_start(start, logits.size(0), minimum=1)
+    return _entropy_of_logits(logits[operator.index(start) - 1:-1])
+
+
+def excess_kurtosis(x, dim=-1):
+    """Population excess kurtosis m4 / m2^2 - 3 along dim; NaN where the values are flat."""
+    x = x.float()
+    mean = x.mean(dim, keepdim=True)
+    c = x - mean
+    m2 = c.pow(2).mean(dim)
+    m4 = c.pow(4).mean(dim)
+    flat = m2 <= (FLAT_REL_TOL * mean.squeeze(dim).abs()) ** 2
+    return torch.where(flat, torch.full_like(m2, float("nan")), m4 / m2.pow(2) - 3)
+
+
+def _rank_receivers(kurt, top_k):
+    """Indices of the top_k highest kurtoses (NaN last, ties toward the lower index)."""
+    key = torch.where(torch.isnan(kurt), torch.full_like(kurt, float("-inf")), kurt)
+    return torch.sort(key, descending=True, stable=True).indices[:top_k]
+
+
+def vertical_scores(attn, start, band=RECEIVER_BAND):
+    """Thought-Anchors vertical scores: mean attention each response token s receives from the rows
+    t >= s + band. attn (H, N, N) -> (H, R') for the R' = max(0, N - band - start) tokens that have
+    any such row."""
+    if not torch.is_tensor(attn) or attn.dim() != 3:
+        raise ValueError("attn must be a stack of attention maps (H, N, N)")
+    if not isinstance(band, int) or band < 0:
+        raise ValueError(f"band must be an int >= 0, got {band!r}")
+    _check_maps(attn, start, "attn")
+    return _vertical_maps(attn, operator.index(start), band)
+
+
+def _vertical_maps(maps, start, band):
+    n = maps.size(-1)
+    return _fai_maps(maps, start, band, None)[:, : max(0, n - band - start)]
+
+
+def receiver_heads(attn, start, top_k=None, band=RECEIVER_BAND):
+    """Receiver heads (Bogdan et al.): heads ranked by the kurtosis of their vertical scores.
+
+    attn (H, N, N) -> (top_k head indices, highest kurtosis first; kurtosis (H,)).
+    top_k defaults to group_size(H), the size of a head group, so receiver-FAI and global-FAI
+    average over the same number of heads.
+    """
+    kurt = excess_kurtosis(vertical_scores(attn, start, band))
+    top_k = group_size(attn.size(0)) if top_k is None else top_k
+    if not isinstance(top_k, int) or not 1 <= top_k <= attn.size(0):
+        raise ValueError(f"top_k must be an int in [1, {attn.size(0)}], got {top_k!r}")
+    return _rank_receivers(kurt, top_k), kurt
+
+
+# -----------------------------------------------------------------------------
+# Credit assignment (Section 5)
+
+
+def top_q(scores, q=CREDIT_Q, bottom=False):
+    """TopQ: bool mask (R,) of the ceil(q * R) highest scores (lowest with bottom=True); ties toward
+    the earlier position."""
+    scores = _check_scores(scores, "scores")
+    _check_frac(q, "q")
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    order = torch.sort(scores, descending=not bottom, stable=True).indices
+    chosen[order[: _ceil_frac(q, scores.numel())]] = True
+    return chosen
+
+
+def waad_deltas(waad_scores):
+    """Eq. 14: Delta_t = |WAAD_t - WAAD_{t+1}|, 0 for the last response token. (R,) -> (R,)."""
+    w = _check_scores(waad_scores, "waad")
+    delta = torch.zeros_like(w)
+    delta[:-1] = (w[:-1] - w[1:]).abs()
+    return delta
+
+
+def coupled_selection(waad_scores, fai_scores, q=CREDIT_Q, k=COUPLE_K, bottom=False):
+    """The token sets of Eq. 15-19 as bool masks (R,): t_loc, t_glob, dominated (D), intro (I(D)).
+
+    An anchor t is locally dominated when WAAD_t <= tau_waad and the largest Delta in the window
+    t-k..t-1 (clipped to the response) is >= tau_Delta; its intro token is the position of that
+    largest Delta (ties: the latest).
+    """
+    w = _check_scores(waad_scores, "waad")
+    f = _check_scores(fai_scores, "fai")
+    if w.numel() != f.numel():
+        raise ValueError(f"waad and fai must have the same length, got {w.numel()} and {f.numel()}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    R = w.numel()
+    delta = waad_deltas(w)
+    t_loc = top_q(delta, q, bottom)
+    t_glob = top_q(f, q, bottom)
+    dominated = torch.zeros_like(t_glob)
+    intro = torch.zeros_like(t_glob)
+    if R == 0 or not bool(t_loc.any()):
+        return dict(t_loc=t_loc, t_glob=t_glob, dominated=dominated, intro=intro)
+    tau_waad = torch.median(w)  # lower median
+    tau_delta = delta[t_loc].min()
+    padded = torch.cat([torch.full((k,), float("-inf"), device=w.device), delta])  # (k + R,)
+    windows = padded.unfold(0, k, 1)[:R]  # (R, k): windows[t] = Delta[t-k .. t-1]
+    latest_first = windows.flip(-1)  # argmax picks the first maximum: flipping makes it the latest
+    best = latest_first.max(-1)
+    dominated = t_glob & (w <= tau_waad) & (best.values >= tau_delta)
+    intro_pos = torch.arange(R, device=w.device) - 1 - best.indices  # (R,)
+    intro[intro_pos[dominated]] = True
+    return dict(t_loc=t_loc, t_glob=t_glob, dominated=dominated, intro=intro)
+
+
+def credit_gamma(strategy, waad=None, fai=None, entropy=None, q=CREDIT_Q, gamma_amp=GAMMA_AMP, k=COUPLE_K,
+                 alpha=COUPLE_ALPHA, bottom=False, generator=None):
+    """Per-token advantage scale gamma (R,) of Section 5 (detached, fp32).
+
+    none: 1 everywhere (plain GRPO); random: a random ceil(q * R) tokens get gamma_amp (bottom is
+    ignored; generator seeds it); entropy: TopQ by token entropy; local: Eq. 14-15, TopQ by Delta;
+    global: Eq. 16-17, TopQ by FAI; coupled: Eq. 18-19 (see coupled_selection).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown credit strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    _check_frac(q, "q")
+    _check_frac(alpha, "alpha")
+    given = {name: x for name, x in (("waad", waad), ("fai", fai), ("entropy", entropy)) if x is not None}
+    given = {name: _check_scores(x.detach(), name) for name, x in given.items()}
+    if len({x.numel() for x in given.values()}) > 1:
+        sizes = ", ".join(f"{name}={x.numel()}" for name, x in given.items())
+        raise ValueError(f"waad, fai and entropy must have one entry per response token; got lengths {sizes}")
+    needs = {"none": (), "random": (), "entropy": ("entropy",), "local": ("waad",), "global": ("fai",),
+             "coupled": ("waad", "fai")}[strategy]
+    missing = [name for name in needs if name not in given]
+    if missing or not given:
+        what = ", ".join(missing) if missing else "one of waad, fai, entropy (to know the response length)"
+        raise ValueError(f"credit_gamma({strategy!r}) needs {what}")
+    R = next(iter(given.values())).numel()
+    device = next(iter(given.values())).device
+    bonus = gamma_amp - 1
+    gamma = torch.ones(R, device=device)
+    if strategy == "random":
+        rng_device = generator.device if generator is not None else "cpu"
+        chosen = torch.randperm(R, generator=generator, device=rng_device)[: _ceil_frac(q, R)].to(device)
+        gamma[chosen] += bonus
+    elif strategy == "entropy":
+        gamma += bonus * top_q(given["entropy"], q, bottom).float()
+    elif strategy == "local":
+        gamma += bonus * top_q(waad_deltas(given["waad"]), q, bottom).float()
+    elif strategy == "global":
+        gamma += bonus * top_q(given["fai"], q, bottom).float()
+    elif strategy == "coupled":
+        sel = coupled_selection(given["waad"], given["fai"], q, k, bottom)
+        gamma += bonus * (sel["t_glob"] & ~sel["dominated"]).float()
+        gamma += (1 - alpha) * bonus * sel["dominated"].float()
+        gamma += alpha * bonus * sel["intro"].float()
+    return gamma
+
+
+# -----------------------------------------------------------------------------
+# Peaks and the Table-2 coupling statistics
+
+
+def find_peaks(x, top_frac=PEAK_TOP_FRAC):
+    """Peak positions (long) of a 1-D signal: x_t > x_{t-1} and x_t >= x_{t+1} (a missing neighbour
+    is -inf) and x_t at least the ceil(top_frac * R)-th largest value."""
+    x = _check_scores(x, "x")
+    _check_frac(top_frac, "top_frac", low_open=True)
+    if x.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    edge = torch.full((1,), float("-inf"), device=x.device)
+    left, right = torch.cat([edge, x[:-1]]), torch.cat([x[1:], edge])
+    threshold = torch.sort(x, descending=True).values[_ceil_frac(top_frac, x.numel()) - 1]
+    return torch.nonzero((x > left) & (x >= right) & (x >= threshold)).flatten()
+
+
+def _near_after(peaks, R, k):
+    """bool (R,): positions at or within 1..k after one of peaks."""
+    near = torch.zeros(R, dtype=torch.bool)
+    for j in range(k + 1):
+        near[(peaks + j)[peaks + j < R]] = True
+    return near
+
+
+def _stat(observed, random, count):
+    lift = (observed - random) / random if random != 0 and not math.isnan(random) else float("nan")
+    return dict(random=random, observed=observed, lift=lift, count=count)
+
+
+def coupling_stats(records, k=PEAK_AFTER_K, top_frac=PEAK_TOP_FRAC, num_shuffles=NUM_SHUFFLES, generator=None,
+                   seed=0):
+    """The three Table-2 statistics over a list of responses, pooled over tokens.
+
+    records: one dict per response with 1-D tensors of equal length: "waad", "fai_global" (or
+    "fai"), "fai_receiver", "entropy". Returns {name: {"random", "observed", "lift", "count"}}:
+      entropy_at_waad_peaks: mean entropy over all WAAD peaks of all responses vs the mean
+        entropy over all response tokens (count = number of WAAD peaks);
+      receiver_peaks_in_global: share of receiver-FAI peaks that are also global-FAI peaks vs the
+        share of global-FAI peaks among all tokens (count = number of receiver-FAI peaks);
+      fai_peaks_after_waad: share of global-FAI peaks at or 1..k after a WAAD peak vs the same share
+        with each response's FAI peak positions drawn uniformly without replacement, averaged over
+        num_shuffles draws from generator (default: torch.Generator seeded with seed).
+    lift = (observed - random) / random (NaN when random is 0 or undefined).
+    """
+    if not isinstance(records, (list, tuple)) or not records:
+        raise ValueError("coupling_stats needs a non-empty list of per-response dicts")
+    if not isinstance(k, int) or k < 0 or not isinstance(num_shuffles, int) or num_shuffles < 1:
+        raise ValueError(f"need an int k >= 0 and an int num_shuffles >= 1, got k={k!r}, num_shuffles={num_shuffles!r}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    ent_at_peaks, ent_all = [], []
+    recv_peaks = recv_in_glob = glob_peaks = tokens = 0
+    fai_peaks = fai_hits = 0
+    shuffled_hits = torch.zeros(num_shuffles)
+    for i, rec in enumerate(records):
+        fai_global = rec.get("fai_global", rec.get("fai"))
+        missing = [name for name, x in (("waad", rec.get("waad")), ("fai_global", fai_global),
+                                        ("fai_receiver", rec.get("fai_receiver")),
+                                        ("entropy", rec.get("entropy"))) if x is None]
+        if missing:
+            raise ValueError(f"record {i} lacks {', '.join(missing)}")
+        w, fg, fr, ent = (_check_scores(x.detach().cpu(), name) for name, x in (
+            ("waad", rec["waad"]), ("fai_global", fai_global), ("fai_receiver", rec["fai_receiver"]),
+            ("entropy", rec["entropy"])))
+        R = w.numel()
+        if not fg.numel() == fr.numel() == ent.numel() == R:
+            raise ValueError(f"record {i}: waad, fai_global, fai_receiver and entropy must have equal lengths")
+        wp, gp, rp = find_peaks(w, top_frac), find_peaks(fg, top_frac), find_peaks(fr, top_frac)
+        ent_at_peaks.append(ent[wp])
+        ent_all.append(ent)
+        recv_peaks += rp.numel()
+        recv_in_glob += int(torch.isin(rp, gp).sum())
+        glob_peaks += gp.numel()
+        tokens += R
+        near = _near_after(wp, R, k)
+        fai_peaks += gp.numel()
+        fai_hits += int(near[gp].sum())
+        for d in range(num_shuffles):
+            drawn = torch.randperm(R, generator=generator)[: gp.numel()]
+            shuffled_hits[d] += near[drawn].sum()
+    nan = float("nan")
+    ent_at_peaks, ent_all = torch.cat(ent_at_peaks), torch.cat(ent_all)
+    return dict(
+        entropy_at_waad_peaks=_stat(float(ent_at_peaks.mean()) if ent_at_peaks.numel() else nan,
+                                    float(ent_all.mean()) if ent_all.numel() else nan, ent_at_peaks.numel()),
+        receiver_peaks_in_global=_stat(recv_in_glob / recv_peaks if recv_peaks else nan,
+                                       glob_peaks / tokens if tokens else nan, recv_peaks),
+        fai_peaks_after_waad=_stat(fai_hits / fai_peaks if fai_peaks else nan,
+                                   float(shuffled_hits.mean()) / fai_peaks if fai_peaks else nan,
+                                   fai_peaks),
+    )
+
+
+# -----------------------------------------------------------------------------
+# Metrics from a model: explicit (reference) and memory-lean (tiled) paths
+
+
+def default_layers(num_layers, choice="middle", count=NUM_ATTN_LAYERS):
+    """count evenly spaced layer indices inside a band of the stack (all of the band if it is smaller).
+
+    middle = floor(L/3)..floor(2L/3) (the paper's), bottom = 0..floor(L/3), top = floor(2L/3)..L-1,
+    all = 0..L-1; positions rounded half up.
+    """
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    bands = dict(middle=(num_layers // 3, 2 * num_layers // 3), all=(0, num_layers - 1),
+                 bottom=(0, num_layers // 3), top=(2 * num_layers // 3, num_layers - 1))
+    if choice not in bands:
+        raise ValueError(f"unknown layer choice {choice!r}; expected one of {', '.join(LAYER_CHOICES)}")
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    lo, hi = bands[choice]
+    if hi - lo + 1 <= count:
+        return list(range(lo, hi + 1))
+    if count == 1:
+        return [(lo + hi + 1) // 2]
+    return [lo + (2 * i * (hi - lo) + count - 1) // (2 * (count - 1)) for i in range(count)]
+
+
+def _row_pads(input_ids, starts, attention_mask):
+    """Validate a left-padded batch; returns (pads, starts) as int lists."""
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (B, T) tensor of token ids")
+    B, T = input_ids.shape
+    starts = starts.tolist() if torch.is_tensor(starts) else list(starts)
+    if len(starts) != B:
+        raise ValueError(f"starts must have one entry per row of input_ids ({B}), got {len(starts)}")
+    if attention_mask is None:
+        pads = [0] * B
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, T)}")
+        m = attention_mask.long()
+        if bool((m[:, 1:] < m[:, :-1]).any()) or bool(((m != 0) & (m != 1)).any()):
+            raise ValueError("attention_mask must be 0/1 with left padding only (0s, then 1s, in each row)")
+        pads = (T - m.sum(-1)).tolist()
+    try:
+        starts = [operator.index(s) for s in starts]
+    except TypeError:
+        raise ValueError(f"starts must hold integer positions, got {starts!r}") from None
+    for b, (pad, start) in enumerate(zip(pads, starts)):
+        _check_start(start, T, f"starts[{b}]", minimum=pad + 1)
+    return pads, starts
+
+
+def _pairs(flat, heads_per_layer, layers):
+    """Pooled head indices (n,) -> (layer, head) pairs (n, 2) long."""
+    layer_idx = torch.tensor(layers, dtype=torch.long)[flat.cpu() // heads_per_layer]
+    return torch.stack([layer_idx, flat.cpu() % heads_per_layer], dim=-1)
+
+
+def _band_plan(n, start, offsets, weights, min_key):
+    """Where the entries P[t, t - d], d in offsets, of the response rows t sit, computed once per
+    sequence so a tile only gathers and scatters.
+
+    Returns (gather index (R, K) into a row, weight (R, K) = weights[d] where the key s = t - d is
+    >= min_key and 0 elsewhere, response column s - start (R, K) for scattering per key).
+    """
+    t = torch.arange(start, n, device=offsets.device)[:, None]
+    s = t - offsets[None, :]  # (R, K) key positions
+    return s.clamp(min=0), weights[None, :] * (s >= min_key), (s - start).clamp(min=0)
+
+
+def _subtract_plan(n, start, near, device):
+    """A plan that removes the rows t - s < near from full column sums."""
+    return _band_plan(n, start, torch.arange(near, device=device), -torch.ones(near, device=device), start)
+
+
+def _band_values(probs, plan, r0):
+    """Weighted band entries (H, m, K) of the tile probs (H, m, S) holding response rows r0.."""
+    index, weight, _ = plan
+    H, m, _ = probs.shape
+    return probs.gather(-1, index[r0:r0 + m][None].expand(H, -1, -1)) * weight[r0:r0 + m]
+
+
+def _scatter_band(acc, probs, plan, r0):
+    """acc (H, R) += the weighted band entries of the tile, summed per key column."""
+    H, m, _ = probs.shape
+    cols = plan[2][r0:r0 + m].reshape(1, -1).expand(H, -1)
+    acc.scatter_add_(1, cols, _band_values(probs, plan, r0).reshape(H, -1))
+
+
+def _lean_layer(q, k, start, window, h_lo, h_hi, band):
+    """Per-head statistics of one layer of one unpadded sequence, from q (H, n, D) and k (Hkv, n, D).
+
+    Only response rows t >= start are needed; they are processed in row tiles of about TILE_BYTES,
+    all heads at once. Returns span (H,), waad (H, R), fai (H, R) and, if band is not None, the
+    receiver vertical scores (H, R') (every quantity is linear in the map, so group means of these
+    per-head values equal the values of the group-mean map).
+    """
+    H, n, D = q.shape
+    Hkv = k.size(0)
+    R = n - start
+    dev = q.device
+    q = (q.float() * D ** -0.5).reshape(Hkv, H // Hkv, n, D)  # query head h uses key head h // (H // Hkv)
+    kT = k.float().transpose(1, 2)[:, None]  # (Hkv, 1, D, n)
+    pos = torch.arange(n, device=dev, dtype=torch.float32)
+    # Eq. 9 from a band only, as rows sum to 1: WAAD_t = W - sum_{d<W} P[t, t-d] (W - d)
+    w_off = torch.arange(window, device=dev)
+    waad_plan = _band_plan(n, start, w_off, (window - w_off).float(), 0)
+    if h_hi is None:  # rows t >= s + h_lo = every row of the column minus the near band
+        fai_plan = _subtract_plan(n, start, h_lo, dev)
+    else:
+        f_off = torch.arange(h_lo, min(h_hi, n - 1) + 1, device=dev)
+        fai_plan = _band_plan(n, start, f_off, torch.ones(f_off.numel(), device=dev), start)
+    if band is not None:
+        recv_plan = _subtract_plan(n, start, band, dev)
+        recv_sum = torch.zeros(H, R, device=dev)
+    span_sum = torch.zeros(H, device=dev)
+    waad_h = torch.zeros(H, R, device=dev)
+    fai_sum = torch.zeros(H, R, device=dev)
+    rows = min(n, max(1, TILE_BYTES // (4 * H * n)))
+    future = torch.ones(rows, rows, dtype=torch.bool, device=dev).triu(1)
+    for t0 in range(start, n, rows):
+        t1 = min(n, t0 + rows)
+        m, r0 = t1 - t0, t0 - start
+        scores = (q[:, :, t0:t1] @ kT[..., :t1]).reshape(H, m, t1)  # (H, m, t1)
+        scores[:, :, t0:].masked_fill_(future[:m, :m], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        # Eq. 7: sum_s P[t,s] (t - s) = t - P[t] . positions
+        span_sum += pos[t0:t1].sum() - (probs @ pos[:t1]).sum(-1)
+        waad_h[:, r0:r0 + m] = window - _band_values(probs, waad_plan, r0).sum(-1)
+        if h_hi is None or band is not None:
+            colsum = probs[:, :, start:].sum(1)  # (H, t1 - start): every row of the tile, per key
+        if h_hi is None:
+            fai_sum[:, :t1 - start] += colsum
+        _scatter_band(fai_sum, probs, fai_plan, r0)
+        if band is not None:
+            recv_sum[:, :t1 - start] += colsum
+            _scatter_band(recv_sum, probs, recv_plan, r0)
+    counts = _fai_counts(n, start, h_lo, h_hi, dev)
+    fai_h = torch.where(counts > 0, fai_sum / counts.clamp(min=1), torch.zeros_like(fai_sum))
+    out = dict(span=span_sum / R, waad=waad_h, fai=fai_h)
+    if band is not None:
+        r_counts = _fai_counts(n, start, band, None, dev)
+        out["vertical"] = (recv_sum / r_counts.clamp(min=1))[:, : max(0, n - band - start)]
+    return out
+
+
+def _entropy_lean(logits):
+    """Entropy of softmax(logits) (m, V) -> (m,) in four passes, overwriting logits:
+    H = log Z - sum_v e_v z_v / Z with z = logits - max, e = exp(z), Z = sum e."""
+    z = logits.float()
+    z -= z.amax(-1, keepdim=True)
+    e = z.exp()
+    Z = e.sum(-1)
+    return Z.log() - (e[:, None, :] @ z[:, :, None])[:, 0, 0] / Z
+
+
+def _entropy_rows(model, h_rows):
+    """Entropy of lm_head(h_rows) row by row in chunks of about LOGIT_CHUNK_BYTES. (R, C) -> (R,)."""
+    chunk = max(1, LOGIT_CHUNK_BYTES // (4 * model.config.vocab_size))
+    parts = [_entropy_lean(model.lm_head(h_rows[i:i + chunk])) for i in range(0, h_rows.size(0), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, device=h_rows.device)
+
+
+def _empty_result(layers, num_pairs, device, receivers):
+    """The dict of a row whose response is empty (start == T): no span, no groups."""
+    empty, none = torch.zeros(0, device=device), torch.zeros(0, 2, dtype=torch.long)
+    out = dict(waad=empty, fai=empty, entropy=empty, spans=torch.full((num_pairs,), float("nan"), device=device),
+               local_heads=none, global_heads=none, layers=list(layers))
+    if receivers:
+        out.update(fai_receiver=empty, receiver_heads=none,
+                   receiver_kurtosis=torch.full((num_pairs,), float("nan"), device=device))
+    return out
+
+
+def _lean_signals(model, input_ids, pads, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
+                  receivers, receiver_band, receiver_top_k):
+    h, _, qk = model.hidden_states(input_ids, attention_mask=attention_mask, qk_layers=tuple(layers))
+    T = input_ids.size(1)
+    H = model.config.num_attention_heads
+    results = []
+    for b, (pad, start) in enumerate(zip(pads, starts)):
+        if start == T:
+            results.append(_empty_result(layers, H * len(layers), input_ids.device, receivers))
+            continue
+        stats = [_lean_layer(qk[layer][0][b, :, pad:], qk[layer][1][b, :, pad:], start - pad, window, h_lo, h_hi,
+                             receiver_band if receivers else None) for layer in layers]
+        pooled = {key: torch.cat([s[key] for s in stats]) for key in stats[0]}  # (L*H, ...)
+        local, global_ = group_heads(pooled["span"], frac)
+        pick_loc = local if heads == "targeted" else slice(None)
+        pick_glob = global_ if heads == "targeted" else slice(None)
+        out = dict(waad=pooled["waad"][pick_loc].mean(0), fai=pooled["fai"][pick_glob].mean(0),
+                   entropy=_entropy_rows(model, h[b, start - 1:T - 1]), spans=pooled["span"],
+                   local_heads=_pairs(local, H, layers), global_heads=_pairs(global_, H, layers),
+                   layers=list(layers))
+        if receivers:
+            kurt = excess_kurtosis(pooled["vertical"])
+            top = _rank_receivers(kurt, receiver_top_k or group_size(kurt.numel(), frac))
+            out.update(fai_receiver=pooled["fai"][top].mean(0), receiver_heads=_pairs(top, H, layers),
+                       receiver_kurtosis=kurt)
+        results.append(out)
+    return results
+
+
+def _explicit_signals(model, input_ids, pads, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
+                      receivers, receiver_band, receiver_top_k):
+    logits, attn = model(input_ids, attn_layers=tuple(layers), attention_mask=attention_mask)
+    T = input_ids.size(1)
+    H = model.config.num_attention_heads
+    results = []
+    for b, start in enumerate(starts):
+        if start == T:
+            results.append(_empty_result(layers, H * len(layers), input_ids.device, receivers))
+            continue
+        maps = torch.cat([attn[layer][b] for layer in layers])  # (L*H, T, T), pooled (layer, head) pairs
+        _check_maps(maps, start, "the model's attention maps")  # at the tolerance of the model's dtype
+        maps = maps.float()
+        spans = _span_maps(maps, start)
+        local, global_ = group_heads(spans, frac)
+        a_loc = maps[local].mean(0) if heads == "targeted" else maps.mean(0)
+        a_glob = maps[global_].mean(0) if heads == "targeted" else maps.mean(0)
+        out = dict(waad=_waad_maps(a_loc[None], start, window)[0],
+                   fai=_fai_maps(a_glob[None], start, h_lo, h_hi)[0],
+                   entropy=token_entropy(logits[b].float(), start), spans=spans,
+                   local_heads=_pairs(local, H, layers), global_heads=_pairs(global_, H, layers),
+                   layers=list(layers))
+        if receivers:
+            kurt = excess_kurtosis(_vertical_maps(maps, start, receiver_band))
+            top = _rank_receivers(kurt, receiver_top_k or group_size(kurt.numel(), frac))
+            out.update(fai_receiver=_fai_maps(maps[top].mean(0, keepdim=True), start, h_lo, h_hi)[0],
+                       receiver_heads=_pairs(top, H, layers), receiver_kurtosis=kurt)
+        results.append(out)
+    return results
+
+
+def rhythm_signals(model, input_ids, starts, attention_mask=None, layers=None, heads="targeted",
+                   window=WAAD_WINDOW, h_lo=FAI_H_LO, h_hi=FAI_H_HI, method="lean", frac=HEAD_GROUP_FRAC,
+                   receivers=False, receiver_band=RECEIVER_BAND, receiver_top_k=None):
+    """WAAD, FAI and entropy of every response in a left-padded batch, from one forward pass.
+
+    input_ids (B, T); starts[b] = index (padded coordinates) of row b's first response token, the
+    response runs to the end of the row; attention_mask (B, T), 1 = token, 0 = left padding.
+    layers: indices, or None for default_layers(L) (five of the middle third). heads: "targeted"
+    (WAAD over H_loc, FAI over H_glob; groups formed per sequence over all (layer, head) pairs of
+    the chosen layers pooled) or "all" (every head of the chosen layers). method: "lean" (row
+    tiles from q and k, never an (N, N) map per head) or "explicit" (maps from the model, the
+    reference). receivers=True adds receiver-head FAI (costs one more column sum per tile).
+
+    Returns a list (one per row) of dicts, tensors detached and fp32 on the input's device:
+      waad, fai, entropy: (R,) with R = T - starts[b];
+      spans: (L*H,) head spans (Eq. 7) of the pooled pairs, pair p = (layers[p // H], p % H);
+      local_heads, global_heads: (n, 2) long CPU tensors of the (layer, head) pairs of H_loc (lowest
+        span first) and H_glob (highest span first); layers: the layer indices used (a list);
+      with receivers=True also fai_receiver (R,), receiver_heads (n, 2), receiver_kurtosis (L*H,).
+    A row with an empty response (start == T) gets empty signals, NaN spans and empty groups.
+    """
+    if heads not in ("targeted", "all"):
+        raise ValueError(f"heads must be 'targeted' or 'all', got {heads!r}")
+    if method not in ("lean", "explicit"):
+        raise ValueError(f"method must be 'lean' or 'explicit', got {method!r}")
+    _check_window(window, h_lo, h_hi)
+    if not isinstance(receiver_band, int) or receiver_band < 0:
+        raise ValueError(f"receiver_band must be an int >= 0, got {receiver_band!r}")
+    group_size(1, frac)  # validates frac
+    num_layers = model.config.num_hidden_layers
+    layers = default_layers(num_layers) if layers is None else sorted(set(int(layer) for layer in layers))
+    if not layers or not all(0 <= layer < num_layers for layer in layers):
+        raise ValueError(f"layers must be a non-empty list of indices in [0, {num_layers}), got {layers}")
+    num_pairs = len(layers) * model.config.num_attention_heads
+    if receiver_top_k is not None and (not isinstance(receiver_top_k, int) or not 1 <= receiver_top_k <= num_pairs):
+        raise ValueError(f"receiver_top_k must be None or an int in [1, {num_pairs}], got {receiver_top_k!r}")
+    pads, starts = _row_pads(input_ids, starts, attention_mask)
+    run = _lean_signals if method == "lean" else _explicit_signals
+    with torch.no_grad():
+        return run(model, input_ids, pads, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
+                   receivers, receiver_band, receiver_top_k)
+
+
+# -----------------------------------------------------------------------------
+# Pictures
+
+
+def aggregated_maps(model, input_ids, start, layers=None, region="response", max_positions=MAX_PLOT_POSITIONS,
+                    frac=HEAD_GROUP_FRAC):
+    """Abar_loc and Abar_glob (Eq. 8) of one unpadded sequence, for pictures, cropped to at most the
+    last max_positions positions of the region ("response" or "all" = prompt + response).
+
+    Rows are computed in tiles from q and k, so only the (P, P) crops are ever held. Returns
+    dict(local=(P, P), global=(P, P), offset=first position shown, start=start).
+    """
+    if region not in ("response", "all"):
+        raise ValueError(f"region must be 'response' or 'all', got {region!r}")
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    if ids.size(0) != 1:
+        raise ValueError("aggregated_maps takes one sequence")
+    signals = rhythm_signals(model, ids, [start], layers=layers, frac=frac)[0]
+    if start == ids.size(1):
+        raise ValueError("aggregated_maps needs a non-empty response")
+    T = ids.size(1)
+    offset = max(start if region == "response" else 0, T - max_positions)
+    with torch.no_grad():
+        _, _, qk = model.hidden_states(ids, qk_layers=tuple(signals["layers"]))
+        out = {}
+        for name, pairs in (("local", signals["local_heads"]), ("global", signals["global_heads"])):
+            total = torch.zeros(T - offset, T - offset, device=ids.device)
+            for layer, head in pairs.tolist():
+                q, k = qk[layer]
+                kv = head // (q.size(1) // k.size(1))
+                total += _crop_map(q[0, head], k[0, kv], offset)
+            out[name] = total / len(pairs)
+    return {"local": out["local"], "global": out["global"], "offset": offset, "start": start}
+
+
+def _crop_map(q, k, offset):
+    """Rows and columns offset.. of one head's map from q (n, D) and k (n, D), in row tiles."""
+    n, D = q.shape
+    rows = max(1, TILE_BYTES // (4 * n))
+    out = []
+    for t0 in range(offset, n, rows):
+        t1 = min(n, t0 + rows)
+        scores = (q[t0:t1].float() @ k[:t1].float().T) * D ** -0.5  # (m, t1)
+        scores[:, t0:].masked_fill_(torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=q.device).triu(1),
+                                    float("-inf"))
+        out.append(torch.softmax(scores, dim=-1)[:, offset:])
+    return torch.cat([torch.nn.functional.pad(o, (0, n - offset - o.size(1))) for o in out])
+
+
+def _signal_arrays(signals):
+    for name in ("waad", "fai", "entropy"):
+        if name not in signals:
+            raise ValueError(f"signals lacks {name!r}: pass one dict of rhythm_signals()")
+    return {name: _check_scores(x.detach().cpu(), name) for name, x in signals.items()
+            if name in ("waad", "fai", "entropy", "fai_receiver")}
+
+
+def plot_rhythm(path, signals, tokens=None, maps=None, q=CREDIT_Q, title=None):
+    """Write a PNG like the paper's Figure 2.
+
+    signals: one dict of rhythm_signals() (waad, fai, entropy, optional fai_receiver); tokens: the
+    response token strings (shown on the x axis when there are at most MAX_TICK_LABELS); maps: an
+    aggregated_maps() dict (the two aggregated maps are drawn on top when given). Preplan tokens
+    (T_loc, TopQ by Delta) and anchor tokens (T_glob, TopQ by FAI) are marked.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+
+    s = _signal_arrays(signals)
+    R = s["waad"].numel()
+    if tokens is not None and len(tokens) != R:
+        raise ValueError(f"tokens has {len(tokens)} entries but the response has {R} tokens")
+    sel = coupled_selection(s["waad"], s["fai"], q)
+    rows = 3 + (maps is not None) * 2
+    fig = plt.figure(figsize=(max(10, min(16, 0.18 * R)), 2.2 * rows + 1))
+    grid = fig.add_gridspec(rows, 2)
+    if maps is not None:
+        for col, (name, key) in enumerate((("local-focused heads", "local"), ("global-focused heads", "global"))):
+            ax = fig.add_subplot(grid[0:2, col])
+            a = maps[key].detach().float().cpu()
+            lo = maps["offset"]
+            extent = (lo - 0.5, lo + a.size(0) - 0.5, lo + a.size(0) - 0.5, lo - 0.5)
+            ax.imshow(a.clamp(min=0).numpy(), cmap="viridis", norm=PowerNorm(0.4, vmin=0, vmax=float(a.max())),
+                      extent=extent)
+            if maps["start"] > lo:
+                ax.axhline(maps["start"] - 0.5, color="w", lw=0.6)
+                ax.axvline(maps["start"] - 0.5, color="w", lw=0.6)
+            ax.set_title(f"Abar over {name}")
+            ax.set_xlabel("key position")
+            ax.set_ylabel("query position")
+    x = torch.arange(R).numpy()
+    panels = [("WAAD", [("WAAD", s["waad"], "tab:blue")], "t_loc", "preplan (T_loc)", "tab:red"),
+              ("FAI", [("FAI (global heads)", s["fai"], "tab:green")]
+               + ([("FAI (receiver heads)", s["fai_receiver"], "tab:olive")] if "fai_receiver" in s else []),
+               "t_glob", "anchor (T_glob)", "tab:purple"),
+              ("entropy", [("entropy", s["entropy"], "tab:gray")], None, None, None)]
+    first = None
+    for i, (ylabel, curves, mark, mark_name, colour) in enumerate(panels):
+        ax = fig.add_subplot(grid[rows - 3 + i, :], sharex=first)
+        first = first or ax
+        for label, y, c in curves:
+            ax.plot(x, y.numpy(), color=c, lw=1, label=label)
+        if mark and R:
+            chosen = torch.nonzero(sel[mark]).flatten().numpy()
+            ax.scatter(chosen, curves[0][1][chosen].numpy(), color=colour, s=14, zorder=3, label=mark_name)
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="upper right", fontsize=7)
+        if tokens is not None and 0 < R <= MAX_TICK_LABELS and i == 2:
+            ax.set_xticks(x)
+            ax.set_xticklabels([t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=7)
+        elif i < 2:
+            ax.tick_params(labelbottom=False)
+    ax.set_xlabel("response token")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+_HTML_SCRIPT = """<script>
+function show(name) {
+  for (const row of document.querySelectorAll('.row')) row.style.display = row.id === name ? '' : 'none';
+}
+</script>"""
+
+
+def render_html(path, tokens, signals, gamma=None, q=CREDIT_Q, title="preplan-and-anchor rhythm"):
+    """Write a self-contained HTML page: the response with each token shaded by WAAD, FAI or gamma
+    (buttons switch rows; all rows show without JavaScript), preplan tokens (T_loc) underlined and
+    anchor tokens (T_glob) boxed. gamma defaults to the coupled credit of signals."""
+    s = _signal_arrays(signals)
+    R = s["waad"].numel()
+    if len(tokens) != R:
+        raise ValueError(f"tokens has {len(tokens)} entries but the response has {R} tokens")
+    if gamma is None:
+        gamma = credit_gamma("coupled", s["waad"], s["fai"], q=q)
+    gamma = _check_scores(gamma.detach().cpu(), "gamma")
+    if gamma.numel() != R:
+        raise ValueError(f"gamma has {gamma.numel()} entries but the response has {R} tokens")
+    sel = coupled_selection(s["waad"], s["fai"], q)
+    rows = []
+    for name, values, rgb in (("WAAD", s["waad"], "31,119,180"), ("FAI", s["fai"], "44,160,44"),
+                              ("gamma", gamma, "214,39,40")):
+        lo, hi = (float(values.min()), float(values.max())) if R else (0.0, 0.0)
+        spans = []
+        for i, tok in enumerate(tokens):
+            v = float(values[i])
+            shade = (v - lo) / (hi - lo) if hi > lo else 0.0
+            classes = " ".join(c for c, on in (("pre", bool(sel["t_loc"][i])), ("anc", bool(sel["t_glob"][i]))) if on)
+            spans.append(f'<span class="{classes}" style="background:rgba({rgb},{0.08 + 0.8 * shade:.3f})" '
+                         f'title="{name}={v:.4g}">{html.escape(tok)}</span>')
+        rows.append(f'<div class="row" id="{name}"><h3>{name}</h3><p>{"".join(spans)}</p></div>')
+    buttons = " ".join(f'<button onclick="show(\'{n}\')">{n}</button>' for n in ("WAAD", "FAI", "gamma"))
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
+p {{ font-family: monospace; white-space: pre-wrap; line-height: 1.9; }}
+.pre {{ text-decoration: underline 2px red; }}
+.anc {{ outline: 1.5px solid purple; }}
+</style>{_HTML_SCRIPT}</head><body>
+<h2>{html.escape(title)}</h2>
+<p style="font-family:sans-serif">{buttons} &nbsp; <span class="pre">preplan (T_loc)</span>
+<span class="anc">anchor (T_glob)</span></p>
+{"".join(rows)}
+</body></html>
+"""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
