@@ -40,5 +40,14 @@ def hf_checkpoint(tmp_path):
     return model, tmp_path / "hf"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run faster on one thread: splitting their small matmuls costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes; excluded from the default run")

@@ -11,15 +11,6 @@ from conftest import tiny_config
 from rl import GRPO, RLConfig, apply_sign, build_batch, group_advantages, policy_loss, token_logprobs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matmuls are far faster on one thread than contended on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -----------------------------------------------------------------------------
 # group_advantages (Eq. 6)
 
