@@ -55,7 +55,7 @@ from model import Transformer
 from rl import build_batch
 from tasks import make_task, read_jsonl
 from tokenizer import Tokenizer
-from train import Parser, UsageError, checkpoint_dir, parse_layers, pick_device
+from train import Parser, UsageError, checkpoint_dir, ensure_writable, parse_layers, pick_device
 
 # -----------------------------------------------------------------------------
 # Project defaults
@@ -508,16 +508,6 @@ def _check_args(args):
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
 
 
-def _prepare_out(out):
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
-
-
 def main(argv=None):
     """`python train.py analyze ...`: see the module docstring. Returns a summary dict."""
     t_start = time.time()
@@ -526,7 +516,7 @@ def main(argv=None):
     model_dir = resolve_model_dir(args.init)
     run_config = read_run_config(model_dir)
     out = Path(args.out) if args.out else (model_dir.parent / "analysis" if run_config else DEFAULT_OUT)
-    _prepare_out(out)
+    ensure_writable(out)
     device = pick_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)

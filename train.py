@@ -345,8 +345,8 @@ def draw_rhythm(model, tokenizer, trainer: GRPO, examples, out: Path, rl: RLConf
 # One training run
 
 
-def prepare_out(out: Path, resume: bool):
-    """Make sure --out is writable before any work, so a bad folder fails in the first second."""
+def ensure_writable(out: Path):
+    """Create --out and prove it takes a file, so a bad folder fails before any work."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -354,9 +354,12 @@ def prepare_out(out: Path, resume: bool):
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
+
+
+def prepare_out(out: Path, resume: bool):
+    ensure_writable(out)
     if not resume:
-        for name in ("metrics.jsonl",):
-            (out / name).unlink(missing_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
 
 
 def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path | None = None,
