@@ -37,17 +37,31 @@ Project defaults (the paper is silent on these; they are decided here, in one pl
 - AdamW weight decay 0.0 and gradient clipping at norm 1.0 (the paper does not state these).
 - Evaluation decodes with its own fixed seed, so evaluating between steps leaves the training
   random stream untouched.
+- Every response samples from its own generator, seeded with the step's seed + the response's
+  index in the rollout batch (random credit likewise), so what a response samples does not depend
+  on which responses share its generate call, nor on the number of processes.
+
+Several processes (torchrun; see distributed.py). `step` gets the same prompts on every rank and
+each rank rolls out a contiguous block of whole groups (group statistics never cross ranks),
+scores them and computes their credit. The ranks then exchange these compact rollouts, so each
+knows the whole batch, shuffle it with the same seed as one process would, and split every
+micro-batch of micro_batch_size responses into equal parts, one per rank; DDP / FSDP average the
+gradients. So N processes take the optimizer steps one process takes on the same data, up to
+floating-point summation order. Metrics are of the whole batch, identical on every rank.
 """
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from attention_metrics import LAYER_CHOICES, STRATEGIES, credit_gamma, default_layers, rhythm_signals
+from distributed import (all_gather_objects, all_reduce_sum, gathered, is_distributed, local_value, rank,
+                         replica_spread, shard_range, world_size, wrap)
 
 NORMS = ("sequence", "token")
 SIGNS = ("both", "positive", "negative")
@@ -132,6 +146,18 @@ class RLConfig:
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+
+
+def check_world_size(config: RLConfig, world_size: int):
+    """The batch sizes must split evenly over world_size processes: whole groups per rank for the
+    rollout, equal parts of every micro-batch for the update."""
+    if config.rollout_batch_size % (world_size * config.group_size):
+        raise ValueError(f"rollout_batch_size ({config.rollout_batch_size}) must be a multiple of processes x "
+                         f"group_size ({world_size} x {config.group_size} = {world_size * config.group_size}), "
+                         f"so that every process rolls out whole groups")
+    if config.micro_batch_size % world_size:
+        raise ValueError(f"micro_batch_size ({config.micro_batch_size}) must be a multiple of the number of "
+                         f"processes ({world_size}): each optimizer step splits its micro-batch evenly over them")
 
 
 # -----------------------------------------------------------------------------
@@ -273,15 +299,16 @@ def token_logprobs(model, input_ids, attention_mask, n_resp: int, temperature: f
     """Log-probs of the last n_resp tokens of each row, under softmax(logits / temperature).
 
     The logits at position t predict token t + 1, so the response columns T-n_resp .. T-1 are
-    scored by the hidden states at T-n_resp-1 .. T-2. Only those positions go through the
-    LM head, and log-softmax is taken as gather - logsumexp, so no (B, T, V) copy is made.
+    scored by the hidden states at T-n_resp-1 .. T-2. Only those positions (and the last, dropped)
+    go through the LM head, and log-softmax is taken as gather - logsumexp, so no (B, T, V) copy
+    is made. model is called through forward, so it may be a DDP or FSDP wrapper.
     Returns logp (B, n_resp) and, with with_entropy, the policy entropy (B, n_resp) (else None).
     """
     T = input_ids.shape[1]
     if n_resp >= T:
         raise ValueError(f"n_resp ({n_resp}) must be smaller than the sequence length ({T})")
-    h, _, _ = model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, C)
-    logits = model.lm_head(h[:, T - n_resp - 1:T - 1]).float()  # (B, n_resp, V)
+    logits, _ = model(input_ids, attention_mask=attention_mask, logits_to_keep=n_resp + 1)  # (B, n_resp + 1, V)
+    logits = logits[:, :-1].float()  # (B, n_resp, V)
     if temperature not in (0, 1):
         logits = logits / temperature
     targets = input_ids[:, T - n_resp:]  # (B, n_resp)
@@ -310,6 +337,17 @@ class Rollout:
     gammas: list = field(default_factory=list)   # (B,) tensors (R_b,), detached
 
 
+def merge_rollouts(parts: list) -> Rollout:
+    """One Rollout from consecutive blocks of it (the ranks' parts, in rank order)."""
+    if len(parts) == 1:
+        return parts[0]
+    merged = {}
+    for f in fields(Rollout):
+        values = [getattr(part, f.name) for part in parts]
+        merged[f.name] = torch.cat(values) if isinstance(values[0], torch.Tensor) else [x for v in values for x in v]
+    return Rollout(**merged)
+
+
 class GRPO:
     """GRPO trainer with attention-based credit (see the module docstring for the loop).
 
@@ -317,21 +355,32 @@ class GRPO:
     and returns a dict of float metrics. `state_dict()` / `load_state_dict()` carry the trainer's
     random state and the optimizer state as a flat dict of tensors (safetensors-friendly); the
     model weights are saved separately by the caller.
+
+    In a process group (torchrun), every rank builds the same model and calls every method with
+    the same arguments; `parallel` ("ddp" or "fsdp", see distributed.py) wraps the model before
+    the optimizer is built (FSDP shards it in place). self.model stays the Transformer (for
+    generate and the credit pass); self.policy is the wrapper whose forward the update runs.
     """
 
-    def __init__(self, model, tokenizer, task, config: RLConfig):
+    def __init__(self, model, tokenizer, task, config: RLConfig, parallel: str | None = None):
         self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
+        self.rank, self.world = rank(), world_size()
+        check_world_size(config, self.world)
+        if parallel is not None and not is_distributed():
+            raise ValueError(f"parallel={parallel!r} needs a process group (start under torchrun)")
+        self.parallel = parallel or ("ddp" if is_distributed() else None)
         self.pad_id = _first_not_none(getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None), 0)
         eos = getattr(tokenizer, "eos_id", None)
         self.stop_ids = tuple(dict.fromkeys(([eos] if eos is not None else []) + list(config.stop_ids)))
+        self.ref_model = None
+        if config.kl_coef:  # a whole frozen copy on every rank, taken before FSDP shards the model
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.policy = wrap(model, self.parallel)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay, eps=config.adam_eps)
         self.rng = torch.Generator().manual_seed(config.seed)
         self.steps = 0
-        self.ref_model = None
-        if config.kl_coef:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     # ---- rollout ----
 
@@ -341,8 +390,9 @@ class GRPO:
             raise ValueError(f"prompt encodes to no tokens: {example.prompt!r}")
         return ids
 
-    def _generate(self, prompts: list, temperature: float, seed: int):
-        """Sample one response per prompt, in chunks of generation_batch_size rows."""
+    def _generate(self, prompts: list, temperature: float, seeds: list):
+        """Sample one response per prompt, row i from its own generator seeded with seeds[i], in
+        chunks of generation_batch_size rows. Under FSDP the caller holds the model gathered."""
         cfg = self.config
         chunk = cfg.generation_batch_size or len(prompts)
         tokens, logps = [], []
@@ -351,7 +401,8 @@ class GRPO:
             for i in range(0, len(prompts), chunk):
                 t, lp = self.model.generate(prompts[i:i + chunk], cfg.max_new_tokens, temperature=temperature,
                                             top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=self.stop_ids,
-                                            seed=seed + i, return_logprobs=True)
+                                            seed=seeds[i:i + chunk] if temperature > 0 else None,
+                                            return_logprobs=True)
                 tokens += t
                 logps += lp
         return tokens, logps
@@ -361,12 +412,17 @@ class GRPO:
             tokens = tokens[:-1]
         return self.tokenizer.decode(tokens)
 
-    def rollout(self, examples: list, seed: int) -> Rollout:
-        """Sample G responses per example, score them (reward, correct) and compute advantages."""
+    def rollout(self, examples: list, seed: int, first: int = 0) -> Rollout:
+        """Sample G responses per example, score them (reward, correct) and compute advantages.
+
+        first: index in the step's rollout batch of the first response here (a rank's block);
+        response i samples with seed + first + i.
+        """
         G = self.config.group_size
         group_examples = [ex for ex in examples for _ in range(G)]
         prompt_ids = [ids for ids in (self.encode_prompt(ex) for ex in examples) for _ in range(G)]
-        response_ids, gen_logp = self._generate(prompt_ids, self.config.temperature, seed)
+        seeds = [seed + first + i for i in range(len(prompt_ids))]
+        response_ids, gen_logp = self._generate(prompt_ids, self.config.temperature, seeds)
         texts = [self._response_text(r) for r in response_ids]
         rewards = torch.tensor([float(self.task.reward(t, ex)) for t, ex in zip(texts, group_examples)])
         correct = torch.tensor([float(bool(self.task.correct(t, ex))) for t, ex in zip(texts, group_examples)])
@@ -377,17 +433,22 @@ class GRPO:
 
     # ---- credit ----
 
-    def credit(self, roll: Rollout, seed: int) -> None:
-        """Fill roll.gammas, one detached (R_b,) tensor per response (Eq. 14-19 via credit_gamma)."""
+    def credit(self, roll: Rollout, seed: int, first: int = 0) -> None:
+        """Fill roll.gammas, one detached (R_b,) tensor per response (Eq. 14-19 via credit_gamma).
+
+        Random credit draws response i's tokens with a generator seeded seed + first + i.
+        Under FSDP the caller holds the model gathered.
+        """
         cfg = self.config
         lengths = [len(r) for r in roll.response_ids]
         if cfg.strategy == "none":
             roll.gammas = [torch.ones(n) for n in lengths]
             return
-        generator = torch.Generator().manual_seed(seed)
-        kw = dict(q=cfg.q, gamma_amp=cfg.gamma_amp, k=cfg.k, alpha=cfg.alpha, bottom=cfg.bottom, generator=generator)
+        kw = dict(q=cfg.q, gamma_amp=cfg.gamma_amp, k=cfg.k, alpha=cfg.alpha, bottom=cfg.bottom)
         if cfg.strategy == "random":
-            roll.gammas = [credit_gamma("random", waad=torch.zeros(n), **kw) for n in lengths]
+            roll.gammas = [credit_gamma("random", waad=torch.zeros(n), **kw,
+                                        generator=torch.Generator().manual_seed(seed + first + i))
+                           for i, n in enumerate(lengths)]
             return
         layers = cfg.credit_layers
         if isinstance(layers, str):
@@ -423,31 +484,48 @@ class GRPO:
                               self.config.temperature, with_entropy)
 
     def update(self, roll: Rollout, seed: int) -> dict:
-        """Micro-batched clipped-surrogate updates with old log-probs fixed (one AdamW step each)."""
+        """Micro-batched clipped-surrogate updates with old log-probs fixed (one AdamW step each).
+
+        roll is the whole rollout batch. Each micro-batch of micro_batch_size responses (seeded
+        shuffle) is split into world_size equal parts and this rank computes the loss of its part;
+        the wrapper averages the gradients over ranks. With norm="sequence" that average is the
+        mean over the whole micro-batch; with norm="token" each rank's loss is first scaled by
+        world_size x its tokens / the micro-batch's tokens, so it is the micro-batch's token mean.
+        Logged loss and token-mean diagnostics are those of the whole micro-batch.
+        """
         cfg = self.config
         order = torch.randperm(len(roll.response_ids), generator=torch.Generator().manual_seed(seed)).tolist()
-        batches = [self._batch(roll, rows, with_update_fields=True) for rows in _chunks(order, cfg.micro_batch_size)]
-        self.model.train()
-        with torch.no_grad():
+        part = cfg.micro_batch_size // self.world
+        mine = [rows[self.rank * part:(self.rank + 1) * part] for rows in _chunks(order, cfg.micro_batch_size)]
+        batches = [self._batch(roll, rows, with_update_fields=True) for rows in mine]
+        self.policy.train()
+        with torch.no_grad(), gathered(self.model):
             for batch in batches:
                 batch["old_logp"], _ = self._logprobs(self.model, batch)
                 batch["ref_logp"] = self._logprobs(self.ref_model, batch)[0] if self.ref_model is not None else None
+        tokens = torch.stack([b["response_mask"].sum() for b in batches])  # (n_micro,) this rank's
+        all_tokens = all_reduce_sum(tokens)  # (n_micro,) whole micro-batches
         gap = sum(((b["old_logp"] - b["gen_logp"]).abs() * b["response_mask"]).sum() for b in batches)
-        stats = {"logp_gen_gap": (gap / sum(b["response_mask"].sum() for b in batches)).item()}
+        stats = {"logp_gen_gap": (all_reduce_sum(gap) / all_tokens.sum()).item()}
 
-        logs = []
+        logs, grad_norms = [], []
         for _ in range(cfg.ppo_epochs):
-            for batch in batches:
-                logp, entropy = self._logprobs(self.model, batch, with_entropy=cfg.entropy_coef > 0)
+            for batch, n, n_all in zip(batches, tokens, all_tokens):
+                logp, entropy = self._logprobs(self.policy, batch, with_entropy=cfg.entropy_coef > 0)
                 loss, diag = policy_loss(logp, batch["old_logp"], batch["advantages"], batch["gamma"],
                                          batch["response_mask"], cfg.clip_eps, cfg.clip_eps_high, cfg.norm, cfg.sign,
                                          batch["ref_logp"], cfg.kl_coef, entropy, cfg.entropy_coef)
+                if cfg.norm == "token":
+                    loss = loss * (self.world * n / n_all)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
-                logs.append({"loss": loss.item(), "grad_norm": grad_norm.item(), **diag})
-        stats.update({key: sum(d[key] for d in logs) / len(logs) for key in logs[0]})
+                grad_norms.append(local_value(grad_norm).item())  # of the averaged gradient: same on all ranks
+                logs.append({"loss": loss.item(), **{key: value * n.item() for key, value in diag.items()},
+                             "tokens": n.item()})
+        stats.update(_whole_batch_logs(logs, self.world))
+        stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return stats
 
     # ---- one step ----
@@ -459,19 +537,27 @@ class GRPO:
         (share of groups with equal rewards), gamma_mean, amplified_frac (share of response
         tokens with gamma > 1 after the sign rule), loss, grad_norm, clip_frac, approx_kl,
         ratio_mean, logp_gen_gap, kl_ref (when kl_coef > 0), time_generate (sampling and
-        scoring), time_credit, time_update (old log-probs and optimizer steps), time_step, step.
+        scoring), time_credit, time_update (old log-probs and optimizer steps), time_step, step;
+        with DDP, replica_spread (distributed.replica_spread: 0.0 when the replicas agree).
+        examples: all of the step's prompts, the same on every rank; the times are this rank's.
         """
         cfg = self.config
         if len(examples) != cfg.prompts_per_step:
             raise ValueError(f"step() needs rollout_batch_size / group_size = {cfg.prompts_per_step} examples, "
                              f"got {len(examples)}")
         gen_seed, credit_seed, order_seed = torch.randint(0, 2 ** 62, (3,), generator=self.rng).tolist()
+        lo, hi = shard_range(len(examples), self.rank, self.world)  # whole groups: this rank's prompts
+        first = lo * cfg.group_size
         t0 = time.perf_counter()
-        roll = self.rollout(examples, gen_seed)
-        t1 = time.perf_counter()
-        self.credit(roll, credit_seed)
+        with gathered(self.model):
+            local = self.rollout(examples[lo:hi], gen_seed, first)
+            t1 = time.perf_counter()
+            self.credit(local, credit_seed, first)
         t2 = time.perf_counter()
+        roll = merge_rollouts(all_gather_objects(local))
         stats = self.update(roll, order_seed)
+        if self.parallel == "ddp":
+            stats["replica_spread"] = replica_spread(self.model)
         t3 = time.perf_counter()
         self.steps += 1
 
@@ -503,7 +589,9 @@ class GRPO:
         greedy=True: one greedy decode per problem, accuracy = pass@1 (k must be 1).
         greedy=False: k samples per problem at config.temperature; accuracy = pass@1 of the first
         sample, avg_at_k = mean accuracy over all k samples (AIME's avg@16).
-        Uses config.eval_seed, not the training random stream.
+        Uses config.eval_seed, not the training random stream (sample j of the list of
+        problems x k draws with eval_seed + j). In a process group each rank decodes a contiguous
+        block of the problems and the results are gathered, so every rank returns the same dict.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -511,50 +599,78 @@ class GRPO:
             raise ValueError("greedy decoding gives k identical samples; use greedy=False for avg@k")
         if not examples:
             raise ValueError("evaluate() needs at least one example")
-        prompts = [ids for ids in (self.encode_prompt(ex) for ex in examples) for _ in range(k)]
-        responses = []
-        for i in range(0, len(prompts), self.config.eval_batch_size):
-            tokens, _ = self._generate(prompts[i:i + self.config.eval_batch_size],
-                                       0.0 if greedy else self.config.temperature, self.config.eval_seed + i)
-            responses += tokens
-        correct = torch.tensor([float(bool(self.task.correct(self._response_text(r), ex)))
-                                for r, ex in zip(responses, (ex for ex in examples for _ in range(k)))])
-        correct = correct.view(len(examples), k)  # (P, k)
+        lo, hi = shard_range(len(examples), self.rank, self.world)
+        mine = [ex for ex in examples[lo:hi] for _ in range(k)]
+        prompts = [self.encode_prompt(ex) for ex in mine]
+        seeds = [self.config.eval_seed + lo * k + j for j in range(len(prompts))]
+        responses, size = [], self.config.eval_batch_size
+        with gathered(self.model):
+            for i in range(0, len(prompts), size):
+                tokens, _ = self._generate(prompts[i:i + size], 0.0 if greedy else self.config.temperature,
+                                           seeds[i:i + size])
+                responses += tokens
+        scored = [(float(bool(self.task.correct(self._response_text(r), ex))), len(r))
+                  for r, ex in zip(responses, mine)]
+        scored = [row for part in all_gather_objects(scored) for row in part]
+        correct = torch.tensor([c for c, _ in scored]).view(len(examples), k)  # (P, k)
         return {
             "accuracy": correct[:, 0].mean().item(),
             "avg_at_k": correct.mean().item(),
             "k": float(k),
-            "response_length": float(sum(len(r) for r in responses)) / len(responses),
+            "response_length": float(sum(n for _, n in scored)) / len(scored),
         }
 
     # ---- checkpointing ----
 
     def state_dict(self) -> dict:
-        """Trainer state as a flat dict of tensors: RNG, step count, AdamW moments and lr."""
+        """Trainer state as a flat dict of tensors: RNG, step count, AdamW moments and lr.
+
+        The moments are whole (never sharded) and keyed by parameter name, "optim.<name>.exp_avg",
+        so they load into any number of processes under either wrapper. In a process group this is
+        a collective and only rank 0 gets the moments. They may share memory with the live
+        optimizer state: save them before the next step.
+        """
         out = {"rng": self.rng.get_state(), "steps": torch.tensor(self.steps, dtype=torch.long)}
-        sd = self.optimizer.state_dict()
-        for pid, state in sd["state"].items():
-            for name, value in state.items():
-                out[f"optim.{pid}.{name}"] = torch.as_tensor(value).clone().contiguous()
-        for g, group in enumerate(sd["param_groups"]):
+        sd = {}
+        if self.optimizer.state:  # before the first update there are no moments (and asking torch for
+            # them would initialise them with a zero-gradient AdamW step, which counts as a step)
+            sd = get_optimizer_state_dict(self.model, self.optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        for name, state in sd.get("state", {}).items():
+            for key, value in state.items():
+                out[f"optim.{name}.{key}"] = torch.as_tensor(value).contiguous()
+        for g, group in enumerate(self.optimizer.param_groups):
             out[f"optim.group{g}.lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned (e.g. read back with safetensors.torch.load_file)."""
+        """Restore what state_dict() returned (e.g. read back with safetensors.torch.load_file).
+
+        In a process group every rank calls this; only rank 0's moments are read (they are
+        broadcast and sharded as the wrapper needs), so other ranks may pass the state without them.
+        """
         self.rng.set_state(state["rng"])
         self.steps = int(state["steps"])
-        sd = self.optimizer.state_dict()
-        sd["state"] = {}
+        moments = {}
         for key, value in state.items():
-            parts = key.split(".")
-            if parts[0] != "optim":
+            if not key.startswith("optim."):
                 continue
-            if parts[1].startswith("group"):
-                sd["param_groups"][int(parts[1][5:])]["lr"] = float(value)
+            name, slot = key.removeprefix("optim.").rsplit(".", 1)  # e.g. "layers.0.mlp.up_proj.weight", "exp_avg"
+            if name.startswith("group") and slot == "lr":
+                self.optimizer.param_groups[int(name[5:])]["lr"] = float(value)
             else:
-                sd["state"].setdefault(int(parts[1]), {})[parts[2]] = value
-        self.optimizer.load_state_dict(sd)
+                moments.setdefault(name, {})[slot] = value
+        if self.steps == 0:  # saved before the first update: AdamW has no moments yet
+            return
+        names = {p: name for name, p in self.model.named_parameters()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[p] for p in g["params"]]}
+                  for g in self.optimizer.param_groups]
+        full = {"state": moments, "param_groups": groups}
+        if is_distributed():
+            set_optimizer_state_dict(self.model, self.optimizer, full if self.rank == 0 else {},
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, full)
 
 
 def _chunks(seq, size: int) -> list:
@@ -564,3 +680,19 @@ def _chunks(seq, size: int) -> list:
 
 def _first_not_none(*values) -> Any:
     return next(v for v in values if v is not None)
+
+
+def _whole_batch_logs(logs: list, world: int) -> dict:
+    """Per-step logs of this rank -> means over the steps of the whole micro-batches' values.
+
+    Each log holds the rank's loss, its token-mean diagnostics times its token count, and that
+    count; summed over ranks, loss / world is the micro-batch's loss (what the averaged gradient
+    is the gradient of) and diagnostic / tokens its token mean.
+    """
+    keys = list(logs[0])
+    total = all_reduce_sum(torch.tensor([[log[key] for key in keys] for log in logs], dtype=torch.float64))
+    per_step = {key: total[:, i] for i, key in enumerate(keys)}  # (n_steps,) each
+    tokens = per_step.pop("tokens").clamp(min=1)
+    out = {"loss": (per_step.pop("loss") / world).mean().item()}
+    out.update({key: (value / tokens).mean().item() for key, value in per_step.items()})
+    return out

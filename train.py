@@ -6,10 +6,13 @@
     python train.py --resume out                      # continue a killed run from its last checkpoint
     python train.py compare --credit none,coupled --seeds 3
     python train.py analyze [--init DIR]              # Section 4 on any model (default: out/model)
+    torchrun --nproc_per_node=8 train.py --init DIR [--dist fsdp]   # the same run on 8 GPUs
 
 A run writes to --out: metrics.jsonl (one line per step), curves.png, rhythm_*.png/.html (the
 attention rhythm of a few held-out responses), model/ (the final checkpoint in the Hugging Face
 layout, tokenizer included), checkpoint/ (the last resumable state) and run_config.json.
+Under torchrun every rank runs the same loop on its share of each batch (rl.py, distributed.py);
+rank 0 alone logs and writes, and the files are the same as one process writes.
 """
 
 import argparse
@@ -23,12 +26,15 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from attention_metrics import aggregated_maps, credit_gamma, plot_rhythm, render_html, rhythm_signals
-from model import Qwen3Config, Transformer, atomic_directory
-from rl import GRPO, RLConfig, build_batch
+from distributed import (MODES, broadcast_parameters, full_state_dict, gathered, is_main, launched_rank,
+                         launched_world_size, parallel_mode, setup, teardown)
+from model import Qwen3Config, Transformer, atomic_directory, save_state_dict
+from rl import GRPO, RLConfig, build_batch, check_world_size
 from sft import warmup
 from tasks import make_task
 from tokenizer import Tokenizer
@@ -269,17 +275,33 @@ def read_jsonl_records(path: Path) -> list[dict]:
 
 
 def save_checkpoint(out: Path, model, tokenizer, trainer: GRPO, progress: dict):
-    """out/checkpoint: weights (HF layout), tokenizer, trainer state and progress, swapped in whole."""
+    """out/checkpoint: weights (HF layout), tokenizer, trainer state and progress, swapped in whole.
+
+    Every rank calls it (the weights and AdamW state are gathered whole to rank 0); rank 0 writes.
+    """
+    weights, state = full_state_dict(model), trainer.state_dict()
+    if not is_main():
+        return
     with atomic_directory(out / "checkpoint") as staging:
-        model.save_pretrained(staging)
+        save_state_dict(staging, weights, model.config)
         tokenizer.save_pretrained(staging)
-        save_file(trainer.state_dict(), staging / "trainer_state.safetensors")
+        save_file(state, staging / "trainer_state.safetensors")
         (staging / "progress.json").write_text(json.dumps(progress, indent=2))
 
 
+def load_trainer_state(path: Path, with_moments: bool) -> dict:
+    """trainer_state.safetensors; ranks other than 0 skip the AdamW moments (rank 0 broadcasts them)."""
+    with safe_open(path, framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()
+                if with_moments or not key.startswith("optim.") or key.endswith(".lr")}
+
+
 def save_model(path: Path, model, tokenizer):
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    """The final model in the Hugging Face layout; a collective like save_checkpoint."""
+    weights = full_state_dict(model)
+    if is_main():
+        save_state_dict(path, weights, model.config)
+        tokenizer.save_pretrained(path)
 
 
 # -----------------------------------------------------------------------------
@@ -363,14 +385,22 @@ def prepare_out(out: Path, resume: bool):
 
 
 def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path | None = None,
-          quiet: bool = False) -> dict:
+          quiet: bool = False, parallel: str | None = None) -> dict:
     """Warm-up (from scratch) or load (--init), then GRPO with periodic eval and checkpoints.
 
+    parallel: None, "ddp" or "fsdp" (distributed.parallel_mode) when started by torchrun; every
+    rank runs this function and rank 0 alone prints and writes files.
     Returns a summary: held-out accuracy before and after RL, best accuracy, wall time.
     """
     t_start = time.time()
     out = Path(run.out)
-    device = pick_device(run.device)
+    try:
+        check_world_size(rl, launched_world_size())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    device = setup(pick_device(run.device))
+    main_rank = is_main()
+    quiet = quiet or not main_rank
     torch.manual_seed(run.seed)
     task = load_task(run)
     ckpt = out / "checkpoint"
@@ -385,31 +415,37 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
         tokenizer = Tokenizer.from_pretrained(source)
     else:
         tokenizer = Tokenizer.byte_level()
-        if warm_start is not None and (warm_start / "config.json").exists():
-            model = Transformer.from_pretrained(warm_start, device=device)
-        else:
-            model = scratch_model(run, tokenizer).to(device)
+        model = scratch_model(run, tokenizer).to(device)
     eval_examples = task.test[:run.eval_size]
-    prepare_out(out, resume)
-    (out / "run_config.json").write_text(json.dumps(config_json(run, rl), indent=2))
     metrics_file = out / "metrics.jsonl"
-    trainer = GRPO(model, tokenizer, task, rl)
-
-    if resume:
-        trainer.load_state_dict(load_file(ckpt / "trainer_state.safetensors"))
-        kept = [r for r in read_jsonl_records(metrics_file) if r["step"] <= progress["step"]]
-        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    else:
-        if run.init is None and not (warm_start is not None and (warm_start / "config.json").exists()):
+    if main_rank:
+        prepare_out(out, resume)
+        (out / "run_config.json").write_text(json.dumps(config_json(run, rl), indent=2))
+    if not resume and run.init is None:
+        # weights made in this run: rank 0 makes them (warm-up or the compare warm-start), the others copy
+        if main_rank and warm_start is not None and (warm_start / "config.json").exists():
+            model.load_state_dict(Transformer.from_pretrained(warm_start, device=device).state_dict())
+        elif main_rank:
             losses = warmup(model, tokenizer, task, run.sft_steps, run.sft_batch, run.sft_lr, seed=run.seed,
                             progress=not quiet)
             progress["warmup_final_loss"] = sum(losses[-10:]) / len(losses[-10:])
             if warm_start is not None:
-                save_model(warm_start, model, tokenizer)
+                model.save_pretrained(warm_start)
+                tokenizer.save_pretrained(warm_start)
+        broadcast_parameters(model)
+    trainer = GRPO(model, tokenizer, task, rl, parallel=parallel)
+
+    if resume:
+        trainer.load_state_dict(load_trainer_state(ckpt / "trainer_state.safetensors", with_moments=main_rank))
+        if main_rank:
+            kept = [r for r in read_jsonl_records(metrics_file) if r["step"] <= progress["step"]]
+            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    else:
         with precision(device):
             before = trainer.evaluate(eval_examples)
         progress.update(step=0, accuracy_before_rl=before["accuracy"], best_accuracy=before["accuracy"])
-        append_jsonl(metrics_file, {"kind": "eval", "step": 0, **before})
+        if main_rank:
+            append_jsonl(metrics_file, {"kind": "eval", "step": 0, **before})
         if not quiet:
             print(f"held-out accuracy before RL: {before['accuracy']:.3f} ({len(eval_examples)} problems)")
         save_checkpoint(out, model, tokenizer, trainer, progress)
@@ -420,28 +456,32 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
         batch = [task.train[i] for i in data_order(len(task.train), step, rl.prompts_per_step, run.seed)]
         with precision(device):
             metrics = trainer.step(batch)
-        append_jsonl(metrics_file, {"kind": "train", **metrics, "step": step + 1})
+        if main_rank:
+            append_jsonl(metrics_file, {"kind": "train", **metrics, "step": step + 1})
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}")
         progress["step"] = step + 1
         if (step + 1) % run.eval_every == 0 or step + 1 == run.steps:
             with precision(device):
                 result = trainer.evaluate(eval_examples)
-            append_jsonl(metrics_file, {"kind": "eval", "step": step + 1, **result})
+            if main_rank:
+                append_jsonl(metrics_file, {"kind": "eval", "step": step + 1, **result})
             progress["best_accuracy"] = max(progress["best_accuracy"], result["accuracy"])
             progress["accuracy_after_rl"] = result["accuracy"]
         if (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
             save_checkpoint(out, model, tokenizer, trainer, progress)
 
-    records = read_jsonl_records(metrics_file)
-    plot_curves(records, out / "curves.png", f"GRPO + {rl.strategy} credit, seed {run.seed}")
     save_model(out / "model", model, tokenizer)
-    with precision(device):
-        draw_rhythm(model, tokenizer, trainer, task.test[:run.rhythm_examples], out, rl)
+    with precision(device), gathered(model):
+        if main_rank:
+            plot_curves(read_jsonl_records(metrics_file), out / "curves.png",
+                        f"GRPO + {rl.strategy} credit, seed {run.seed}")
+            draw_rhythm(model, tokenizer, trainer, task.test[:run.rhythm_examples], out, rl)
     summary = {"accuracy_before_rl": progress["accuracy_before_rl"],
                "accuracy_after_rl": progress.get("accuracy_after_rl", progress["accuracy_before_rl"]),
                "best_accuracy": progress["best_accuracy"], "steps": run.steps, "credit": rl.strategy,
                "seed": run.seed, "wall_seconds": round(time.time() - t_start, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main_rank:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if not quiet:
         print(f"held-out accuracy: {summary['accuracy_before_rl']:.3f} after warm-up -> "
               f"{summary['accuracy_after_rl']:.3f} after {run.steps} GRPO steps "
@@ -461,7 +501,7 @@ def ema_of_best(values, a=0.3):
     return smoothed
 
 
-def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int):
+def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, parallel: str | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -473,12 +513,17 @@ def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int):
         warm = root / f"warmup-seed{seed}" if run.init is None else None
         for credit in credits:
             sub = replace(run, out=str(root / f"{credit}-seed{seed}"), seed=seed)
-            summary = train(sub, replace(rl, strategy=credit, seed=seed), warm_start=warm, quiet=True)
+            summary = train(sub, replace(rl, strategy=credit, seed=seed), warm_start=warm, quiet=True,
+                            parallel=parallel)
+            if not is_main():
+                continue
             results[credit].append(summary)
             evals = [r for r in read_jsonl_records(Path(sub.out) / "metrics.jsonl") if r["kind"] == "eval"]
             curves[credit].append(([r["step"] for r in evals], [r["accuracy"] for r in evals]))
             print(f"  {credit:8s} seed {seed}: {summary['accuracy_before_rl']:.3f} -> "
                   f"{summary['accuracy_after_rl']:.3f} (best {summary['best_accuracy']:.3f})")
+    if not is_main():
+        return None
     rows = []
     for credit in credits:
         final = torch.tensor([s["accuracy_after_rl"] for s in results[credit]]) * 100
@@ -522,34 +567,50 @@ def main(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_flags(parser)
     add_rl_flags(parser, credit_type=str)
-    parser.add_argument("--resume", metavar="OUT_DIR", help="continue the run in OUT_DIR from its last checkpoint")
+    parser.add_argument("--resume", metavar="OUT_DIR",
+                        help="continue the run in OUT_DIR from its last checkpoint (with --steps: up to that many "
+                             "steps; any number of processes, either --dist)")
+    parser.add_argument("--dist", choices=MODES,
+                        help="under torchrun: ddp (replicas, the default) or fsdp (sharded model and AdamW state)")
     if command == "compare":
         parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
+    try:
+        parallel = parallel_mode(args.dist)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.resume:
-        return resume_run(Path(args.resume))
+        return resume_run(Path(args.resume), parallel, args.steps)
     if command == "compare":
         credits = args.credit.split(",") if args.credit else ["none", "coupled"]
         args.credit = credits[0]
         run, rl = resolve(args)
         for credit in credits:
             replace(rl, strategy=credit)  # validates each name before any run starts
-        return compare(run, rl, credits, args.seeds)
+        return compare(run, rl, credits, args.seeds, parallel)
     run, rl = resolve(args)
-    return train(run, rl)
+    return train(run, rl, parallel=parallel)
 
 
-def resume_run(out: Path):
+def resume_run(out: Path, parallel: str | None = None, steps: int | None = None):
+    """Continue the run in out; steps (optional) moves its end, e.g. to extend a finished run."""
     config_file, ckpt = out / "run_config.json", out / "checkpoint" / "progress.json"
     if not config_file.is_file() or not ckpt.is_file():
         raise UsageError(f"--resume {out}: no run_config.json and checkpoint/progress.json there to resume from")
     run, rl = config_from_json(json.loads(config_file.read_text()))
-    return train(replace(run, out=str(out)), rl, resume=True)
+    run = replace(run, out=str(out), steps=run.steps if steps is None else steps)
+    done = json.loads(ckpt.read_text())["step"]
+    if run.steps <= done:
+        raise UsageError(f"--resume {out}: the checkpoint is at step {done} of {run.steps}; "
+                         f"give --steps > {done} to train further")
+    return train(run, rl, resume=True, parallel=parallel)
 
 
 if __name__ == "__main__":
     try:
         main()
     except (UsageError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if launched_rank() == 0:  # under torchrun every rank fails alike; one message is enough
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    teardown()
