@@ -71,7 +71,8 @@ NUM_SHUFFLES = 100  # draws of the shuffled baseline of the third coupling stati
 FLAT_REL_TOL = 1e-6  # vertical scores agreeing to this relative spread have no kurtosis
 FLOAT_TOL = 1e-9  # slack for ceil(q * R) and round(frac * H) against float error
 
-# Memory of the lean path: one attention tile (heads x rows x keys, fp32) and one logits chunk.
+# Memory of the lean path: one attention tile (batch rows x pooled heads x query rows x keys, fp32;
+# at least one query row of one batch row) and one logits chunk.
 TILE_BYTES = 32 * 2**20
 LOGIT_CHUNK_BYTES = 32 * 2**20
 MAX_PLOT_POSITIONS = 512  # aggregated maps for pictures cover at most the last 512 positions
@@ -513,8 +514,9 @@ def default_layers(num_layers, choice="middle", count=NUM_ATTN_LAYERS):
     return [lo + (2 * i * (hi - lo) + count - 1) // (2 * (count - 1)) for i in range(count)]
 
 
-def _row_pads(input_ids, starts, attention_mask):
-    """Validate a left-padded batch; returns (pads, starts) as int lists."""
+def _check_batch(input_ids, starts, attention_mask):
+    """Validate a left-padded batch (every response starts after its row's padding); returns starts
+    as an int list."""
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (B, T) tensor of token ids")
     B, T = input_ids.shape
@@ -536,101 +538,140 @@ def _row_pads(input_ids, starts, attention_mask):
         raise ValueError(f"starts must hold integer positions, got {starts!r}") from None
     for b, (pad, start) in enumerate(zip(pads, starts)):
         _check_start(start, T, f"starts[{b}]", minimum=pad + 1)
-    return pads, starts
+    return starts
 
 
 def _pairs(flat, heads_per_layer, layers):
-    """Pooled head indices (n,) -> (layer, head) pairs (n, 2) long."""
-    layer_idx = torch.tensor(layers, dtype=torch.long)[flat.cpu() // heads_per_layer]
-    return torch.stack([layer_idx, flat.cpu() % heads_per_layer], dim=-1)
+    """Pooled head indices (..., n) -> (layer, head) pairs (..., n, 2) long, on the CPU."""
+    flat = flat.cpu()
+    layer_idx = torch.tensor(layers, dtype=torch.long)[flat // heads_per_layer]
+    return torch.stack([layer_idx, flat % heads_per_layer], dim=-1)
 
 
-def _band_plan(n, start, offsets, weights, min_key):
-    """Where the entries P[t, t - d], d in offsets, of the response rows t sit, computed once per
-    sequence so a tile only gathers and scatters.
+def _band_plan(first, n, offsets, weights, min_key):
+    """Where the entries P[t, t - d], d in offsets, of the query rows t = first..n-1 sit, computed
+    once per batch so a tile only gathers and scatters. In the left-padded layout every row ends at
+    column n - 1 and a response row gives its padding keys probability exactly 0, so the plan does
+    not depend on the row.
 
-    Returns (gather index (R, K) into a row, weight (R, K) = weights[d] where the key s = t - d is
-    >= min_key and 0 elsewhere, response column s - start (R, K) for scattering per key).
+    Returns (gather index (M, K) into a row of keys, weight (M, K) = weights[d] where the key
+    s = t - d is >= min_key and 0 elsewhere, column s - first (M, K) for scattering per key).
     """
-    t = torch.arange(start, n, device=offsets.device)[:, None]
-    s = t - offsets[None, :]  # (R, K) key positions
-    return s.clamp(min=0), weights[None, :] * (s >= min_key), (s - start).clamp(min=0)
+    t = torch.arange(first, n, device=offsets.device)[:, None]
+    s = t - offsets[None, :]  # (M, K) key positions
+    return s.clamp(min=0), weights[None, :] * (s >= min_key), (s - first).clamp(min=0)
 
 
-def _subtract_plan(n, start, near, device):
-    """A plan that removes the rows t - s < near from full column sums."""
-    return _band_plan(n, start, torch.arange(near, device=device), -torch.ones(near, device=device), start)
+def _subtract_plan(first, n, offsets):
+    """A plan that removes the rows t = s + d, d in offsets, from full column sums."""
+    return _band_plan(first, n, offsets, -torch.ones(offsets.numel(), device=offsets.device), first)
 
 
 def _band_values(probs, plan, r0):
-    """Weighted band entries (H, m, K) of the tile probs (H, m, S) holding response rows r0.."""
+    """Weighted band entries (b, P, m, K) of the tile probs (b, P, m, S) holding query rows first + r0.."""
     index, weight, _ = plan
-    H, m, _ = probs.shape
-    return probs.gather(-1, index[r0:r0 + m][None].expand(H, -1, -1)) * weight[r0:r0 + m]
+    b, P, m, _ = probs.shape
+    return probs.gather(-1, index[r0:r0 + m].expand(b, P, -1, -1)) * weight[r0:r0 + m]
 
 
 def _scatter_band(acc, probs, plan, r0):
-    """acc (H, R) += the weighted band entries of the tile, summed per key column."""
-    H, m, _ = probs.shape
-    cols = plan[2][r0:r0 + m].reshape(1, -1).expand(H, -1)
-    acc.scatter_add_(1, cols, _band_values(probs, plan, r0).reshape(H, -1))
+    """acc (b, P, M) += the weighted band entries of the tile, summed per key column."""
+    b, P, m, _ = probs.shape
+    cols = plan[2][r0:r0 + m].reshape(-1).expand(b, P, -1)
+    acc.scatter_add_(-1, cols, _band_values(probs, plan, r0).reshape(b, P, -1))
 
 
-def _lean_layer(q, k, start, window, h_lo, h_hi, band):
-    """Per-head statistics of one layer of one unpadded sequence, from q (H, n, D) and k (Hkv, n, D).
+def _stack_layers(qk, layers, first):
+    """q and k of the chosen layers as two fp32 tensors, q already scaled by D**-0.5 and cut to the
+    query rows first..T-1: q (B, L, H, T - first, D), k (B, L, Hkv, T, D). Empties qk as it goes,
+    so at most one layer is held twice."""
+    q0, k0 = qk[layers[0]]
+    B, H, T, D = q0.shape
+    q = torch.empty(B, len(layers), H, T - first, D, dtype=torch.float32, device=q0.device)
+    k = torch.empty(B, len(layers), k0.size(1), T, D, dtype=torch.float32, device=q0.device)
+    for i, layer in enumerate(layers):
+        q_layer, k_layer = qk.pop(layer)
+        q[:, i] = q_layer[:, :, first:]
+        k[:, i] = k_layer
+    return q.mul_(D ** -0.5), k
 
-    Only response rows t >= start are needed; they are processed in row tiles of about TILE_BYTES,
-    all heads at once. Returns span (H,), waad (H, R), fai (H, R) and, if band is not None, the
-    receiver vertical scores (H, R') (every quantity is linear in the map, so group means of these
-    per-head values equal the values of the group-mean map).
+
+def _lean_tiles(q, k, key_valid, first, window, h_lo, h_hi, band):
+    """Per-pair statistics of a chunk of b rows of a left-padded batch, from q and k of all chosen
+    layers at once: q (b, L, H, M, D) fp32 scaled by D**-0.5 holds the query rows first..T-1 (every
+    response of the chunk lies inside them), k (b, L, Hkv, T, D) fp32, key_valid (b, T) bool
+    (False = left padding).
+
+    Query rows are processed in tiles (b, P = L*H, m, T) of about TILE_BYTES. Returns, per pair
+    and per position first..T-1 (b, P, M), with M = T - first:
+      span: sum_s P[t, s] (t - s) of query row t (Eq. 7 before the mean over response rows);
+      waad: Eq. 9 of query row t;
+      fai: Eq. 10 of key column s, counting only rows t in T(s) (all of them at or after s, so
+        inside the response of any row whose response contains s);
+      vertical (if band is not None): the receiver vertical score of key column s.
+    Rows and columns before a row's start are left for the caller to drop. Every quantity is
+    linear in the map, so group means of these per-pair values equal the values of the group-mean map.
     """
-    H, n, D = q.shape
-    Hkv = k.size(0)
-    R = n - start
+    b, L, H, M, D = q.shape
+    Hkv, T = k.size(2), k.size(3)
+    P = L * H
     dev = q.device
-    q = (q.float() * D ** -0.5).reshape(Hkv, H // Hkv, n, D)  # query head h uses key head h // (H // Hkv)
-    kT = k.float().transpose(1, 2)[:, None]  # (Hkv, 1, D, n)
-    pos = torch.arange(n, device=dev, dtype=torch.float32)
+    # query head h uses key head h // (H // Hkv): fold the heads sharing a key head into the rows
+    q = q.reshape(b, L, Hkv, H // Hkv, M, D)
+    kT = k.transpose(-1, -2)  # (b, L, Hkv, D, T)
+    pad_end = T - int(key_valid.sum(-1).min())  # keys from pad_end on are tokens in every row
+    pos = torch.arange(T, device=dev)
+    posf = pos.float()
     # Eq. 9 from a band only, as rows sum to 1: WAAD_t = W - sum_{d<W} P[t, t-d] (W - d)
     w_off = torch.arange(window, device=dev)
-    waad_plan = _band_plan(n, start, w_off, (window - w_off).float(), 0)
-    if h_hi is None:  # rows t >= s + h_lo = every row of the column minus the near band
-        fai_plan = _subtract_plan(n, start, h_lo, dev)
+    waad_plan = _band_plan(first, T, w_off, (window - w_off).float(), 0)
+    # Eq. 10: gather the rows t = s + d of T(s) (d in inside), or, when fewer, take full column
+    # sums and remove the rows outside it (short sequences, or h_hi=None, where T(s) is most of a column)
+    near, far = min(h_lo, T), T if h_hi is None else min(h_hi + 1, T)  # T(s) = rows s + near .. s + far - 1
+    inside = torch.arange(near, far, device=dev)
+    outside = torch.cat([torch.arange(near, device=dev), torch.arange(far, T, device=dev)])
+    fai_by_columns = outside.numel() < inside.numel()
+    if fai_by_columns:
+        fai_plan = _subtract_plan(first, T, outside)
     else:
-        f_off = torch.arange(h_lo, min(h_hi, n - 1) + 1, device=dev)
-        fai_plan = _band_plan(n, start, f_off, torch.ones(f_off.numel(), device=dev), start)
-    if band is not None:
-        recv_plan = _subtract_plan(n, start, band, dev)
-        recv_sum = torch.zeros(H, R, device=dev)
-    span_sum = torch.zeros(H, device=dev)
-    waad_h = torch.zeros(H, R, device=dev)
-    fai_sum = torch.zeros(H, R, device=dev)
-    rows = min(n, max(1, TILE_BYTES // (4 * H * n)))
-    future = torch.ones(rows, rows, dtype=torch.bool, device=dev).triu(1)
-    for t0 in range(start, n, rows):
-        t1 = min(n, t0 + rows)
-        m, r0 = t1 - t0, t0 - start
-        scores = (q[:, :, t0:t1] @ kT[..., :t1]).reshape(H, m, t1)  # (H, m, t1)
-        scores[:, :, t0:].masked_fill_(future[:m, :m], float("-inf"))
+        fai_plan = _band_plan(first, T, inside, torch.ones(inside.numel(), device=dev), first)
+    if band is not None:  # the vertical score of s: every row t >= s + band
+        recv_plan = _subtract_plan(first, T, torch.arange(band, device=dev))
+        recv_sum = torch.zeros(b, P, M, device=dev)
+    span = torch.zeros(b, P, M, device=dev)
+    waad_h = torch.zeros(b, P, M, device=dev)
+    fai_sum = torch.zeros(b, P, M, device=dev)
+    rows = min(M, max(1, TILE_BYTES // (4 * b * P * T)))
+    for r0 in range(0, M, rows):
+        m = min(rows, M - r0)
+        t0, t1 = first + r0, first + r0 + m
+        tile_q = q[..., r0:r0 + m, :].reshape(b, L, Hkv, -1, D)  # (b, L, Hkv, G*m, D)
+        scores = (tile_q @ kT[..., :t1]).reshape(b, P, m, t1)  # (b, P, m, t1)
+        # the model's rule: query t sees key s iff s <= t and (s is a token or s == t); before the
+        # tile's diagonal block only padding columns are hidden
+        before = min(t0, pad_end)
+        scores[..., :before].masked_fill_(~key_valid[:, None, None, :before], float("-inf"))
+        t, s = pos[t0:t1, None], pos[None, t0:t1]
+        allowed = (key_valid[:, None, t0:t1] & (s <= t)) | (s == t)  # (b, m, m)
+        scores[..., t0:].masked_fill_(~allowed[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         del scores
         # Eq. 7: sum_s P[t,s] (t - s) = t - P[t] . positions
-        span_sum += pos[t0:t1].sum() - (probs @ pos[:t1]).sum(-1)
-        waad_h[:, r0:r0 + m] = window - _band_values(probs, waad_plan, r0).sum(-1)
-        if h_hi is None or band is not None:
-            colsum = probs[:, :, start:].sum(1)  # (H, t1 - start): every row of the tile, per key
-        if h_hi is None:
-            fai_sum[:, :t1 - start] += colsum
+        span[..., r0:r0 + m] = posf[t0:t1] - probs @ posf[:t1]
+        waad_h[..., r0:r0 + m] = window - _band_values(probs, waad_plan, r0).sum(-1)
+        if fai_by_columns or band is not None:
+            colsum = probs[..., first:].sum(2)  # (b, P, t1 - first): every row of the tile, per key
+        if fai_by_columns:
+            fai_sum[..., :t1 - first] += colsum
         _scatter_band(fai_sum, probs, fai_plan, r0)
         if band is not None:
-            recv_sum[:, :t1 - start] += colsum
+            recv_sum[..., :t1 - first] += colsum
             _scatter_band(recv_sum, probs, recv_plan, r0)
-    counts = _fai_counts(n, start, h_lo, h_hi, dev)
-    fai_h = torch.where(counts > 0, fai_sum / counts.clamp(min=1), torch.zeros_like(fai_sum))
-    out = dict(span=span_sum / R, waad=waad_h, fai=fai_h)
+    counts = _fai_counts(T, first, h_lo, h_hi, dev)  # (M,): |T(s)| depends on s and T only
+    out = dict(span=span, waad=waad_h,
+               fai=torch.where(counts > 0, fai_sum / counts.clamp(min=1), torch.zeros_like(fai_sum)))
     if band is not None:
-        r_counts = _fai_counts(n, start, band, None, dev)
-        out["vertical"] = (recv_sum / r_counts.clamp(min=1))[:, : max(0, n - band - start)]
+        out["vertical"] = recv_sum / _fai_counts(T, first, band, None, dev).clamp(min=1)
     return out
 
 
@@ -644,11 +685,21 @@ def _entropy_lean(logits):
     return Z.log() - (e[:, None, :] @ z[:, :, None])[:, 0, 0] / Z
 
 
-def _entropy_rows(model, h_rows):
-    """Entropy of lm_head(h_rows) row by row in chunks of about LOGIT_CHUNK_BYTES. (R, C) -> (R,)."""
+def _response_entropy(model, h, starts):
+    """Entropy of the distribution each response token was drawn from, for every row of the batch:
+    token t comes from lm_head(h[b, t - 1]). h (B, T, C) -> list of (R_b,).
+
+    All response positions of the batch go through lm_head together, in chunks of about
+    LOGIT_CHUNK_BYTES of logits.
+    """
+    B, T, _ = h.shape
+    pos = torch.arange(T, device=h.device)
+    first = torch.tensor(starts, device=h.device)[:, None] - 1
+    rows = h[(pos >= first) & (pos < T - 1)]  # (sum R_b, C), row by row
     chunk = max(1, LOGIT_CHUNK_BYTES // (4 * model.config.vocab_size))
-    parts = [_entropy_lean(model.lm_head(h_rows[i:i + chunk])) for i in range(0, h_rows.size(0), chunk)]
-    return torch.cat(parts) if parts else torch.zeros(0, device=h_rows.device)
+    parts = [_entropy_lean(model.lm_head(rows[i:i + chunk])) for i in range(0, rows.size(0), chunk)]
+    entropy = torch.cat(parts) if parts else torch.zeros(0, device=h.device)
+    return entropy.split([T - start for start in starts])
 
 
 def _empty_result(layers, num_pairs, device, receivers):
@@ -662,36 +713,68 @@ def _empty_result(layers, num_pairs, device, receivers):
     return out
 
 
-def _lean_signals(model, input_ids, pads, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
+def _group_mean(per_pair, picked):
+    """Mean over the picked pairs (b, n) of per_pair (b, P, M) -> (b, M); picked None = all pairs."""
+    if picked is None:
+        return per_pair.mean(1)
+    return per_pair.gather(1, picked[..., None].expand(-1, -1, per_pair.size(-1))).mean(1)
+
+
+def _lean_signals(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
                   receivers, receiver_band, receiver_top_k):
     h, _, qk = model.hidden_states(input_ids, attention_mask=attention_mask, qk_layers=tuple(layers))
-    T = input_ids.size(1)
+    B, T = input_ids.shape
     H = model.config.num_attention_heads
+    P = H * len(layers)
+    dev = input_ids.device
+    key_valid = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+    if min(starts) == T:
+        return [_empty_result(layers, P, dev, receivers) for _ in starts]
+    entropy = _response_entropy(model, h, starts)
+    n = group_size(P, frac)
+    targeted = heads == "targeted"
+    t_min = min(starts)
+    q_all, k_all = _stack_layers(qk, layers, t_min)  # (B, L, H, T - t_min, D), (B, L, Hkv, T, D)
     results = []
-    for b, (pad, start) in enumerate(zip(pads, starts)):
-        if start == T:
-            results.append(_empty_result(layers, H * len(layers), input_ids.device, receivers))
+    # rows of the batch per chunk: one query row of every pair of a chunk fits in a tile
+    per_chunk = max(1, TILE_BYTES // (4 * P * T))
+    for b0 in range(0, B, per_chunk):
+        chunk = starts[b0:b0 + per_chunk]
+        if min(chunk) == T:
+            results += [_empty_result(layers, P, dev, receivers) for _ in chunk]
             continue
-        stats = [_lean_layer(qk[layer][0][b, :, pad:], qk[layer][1][b, :, pad:], start - pad, window, h_lo, h_hi,
-                             receiver_band if receivers else None) for layer in layers]
-        pooled = {key: torch.cat([s[key] for s in stats]) for key in stats[0]}  # (L*H, ...)
-        local, global_ = group_heads(pooled["span"], frac)
-        pick_loc = local if heads == "targeted" else slice(None)
-        pick_glob = global_ if heads == "targeted" else slice(None)
-        out = dict(waad=pooled["waad"][pick_loc].mean(0), fai=pooled["fai"][pick_glob].mean(0),
-                   entropy=_entropy_rows(model, h[b, start - 1:T - 1]), spans=pooled["span"],
-                   local_heads=_pairs(local, H, layers), global_heads=_pairs(global_, H, layers),
-                   layers=list(layers))
-        if receivers:
-            kurt = excess_kurtosis(pooled["vertical"])
-            top = _rank_receivers(kurt, receiver_top_k or group_size(kurt.numel(), frac))
-            out.update(fai_receiver=pooled["fai"][top].mean(0), receiver_heads=_pairs(top, H, layers),
-                       receiver_kurtosis=kurt)
-        results.append(out)
+        first = min(chunk)  # only query rows (and key columns) from the earliest response start on
+        b1 = b0 + len(chunk)
+        stats = _lean_tiles(q_all[b0:b1, :, :, first - t_min:], k_all[b0:b1], key_valid[b0:b1], first,
+                            window, h_lo, h_hi, receiver_band if receivers else None)
+        starts_c = torch.tensor(chunk, device=dev)
+        response = torch.arange(first, T, device=dev) >= starts_c[:, None]  # (b, M) response rows of each row
+        spans = (stats["span"] * response[:, None]).sum(-1) / (T - starts_c)[:, None]  # (b, P), NaN if empty
+        live = starts_c < T
+        if not bool(torch.isfinite(spans[live]).all()):
+            raise ValueError("head spans must be finite: the model's attention produced NaN or inf")
+        local = torch.sort(spans, dim=-1, stable=True).indices[:, :n]  # (b, n), lowest span first
+        global_ = torch.sort(spans, dim=-1, descending=True, stable=True).indices[:, :n]  # highest first
+        waad_rows = _group_mean(stats["waad"], local if targeted else None)  # (b, M)
+        fai_rows = _group_mean(stats["fai"], global_ if targeted else None)  # (b, M)
+        local_pairs, global_pairs = _pairs(local, H, layers), _pairs(global_, H, layers)  # (b, n, 2)
+        for i, start in enumerate(chunk):
+            if start == T:
+                results.append(_empty_result(layers, P, dev, receivers))
+                continue
+            c0 = start - first  # the row's first response column
+            out = dict(waad=waad_rows[i, c0:], fai=fai_rows[i, c0:], entropy=entropy[b0 + i], spans=spans[i],
+                       local_heads=local_pairs[i], global_heads=global_pairs[i], layers=list(layers))
+            if receivers:  # per row: the vertical scores of rows have different lengths
+                kurt = excess_kurtosis(stats["vertical"][i, :, c0:c0 + max(0, T - start - receiver_band)])
+                top = _rank_receivers(kurt, receiver_top_k or n)
+                out.update(fai_receiver=stats["fai"][i, top, c0:].mean(0), receiver_heads=_pairs(top, H, layers),
+                           receiver_kurtosis=kurt)
+            results.append(out)
     return results
 
 
-def _explicit_signals(model, input_ids, pads, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
+def _explicit_signals(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
                       receivers, receiver_band, receiver_top_k):
     logits, attn = model(input_ids, attn_layers=tuple(layers), attention_mask=attention_mask)
     T = input_ids.size(1)
@@ -731,9 +814,10 @@ def rhythm_signals(model, input_ids, starts, attention_mask=None, layers=None, h
     response runs to the end of the row; attention_mask (B, T), 1 = token, 0 = left padding.
     layers: indices, or None for default_layers(L) (five of the middle third). heads: "targeted"
     (WAAD over H_loc, FAI over H_glob; groups formed per sequence over all (layer, head) pairs of
-    the chosen layers pooled) or "all" (every head of the chosen layers). method: "lean" (row
-    tiles from q and k, never an (N, N) map per head) or "explicit" (maps from the model, the
-    reference). receivers=True adds receiver-head FAI (costs one more column sum per tile).
+    the chosen layers pooled) or "all" (every head of the chosen layers). method: "lean" (tiles of
+    batch rows x query rows computed from q and k, all chosen layers at once, never an (N, N) map
+    per head) or "explicit" (maps from the model, the reference). receivers=True adds
+    receiver-head FAI (costs one more column sum per tile).
 
     Returns a list (one per row) of dicts, tensors detached and fp32 on the input's device:
       waad, fai, entropy: (R,) with R = T - starts[b];
@@ -758,10 +842,10 @@ def rhythm_signals(model, input_ids, starts, attention_mask=None, layers=None, h
     num_pairs = len(layers) * model.config.num_attention_heads
     if receiver_top_k is not None and (not isinstance(receiver_top_k, int) or not 1 <= receiver_top_k <= num_pairs):
         raise ValueError(f"receiver_top_k must be None or an int in [1, {num_pairs}], got {receiver_top_k!r}")
-    pads, starts = _row_pads(input_ids, starts, attention_mask)
+    starts = _check_batch(input_ids, starts, attention_mask)
     run = _lean_signals if method == "lean" else _explicit_signals
     with torch.no_grad():
-        return run(model, input_ids, pads, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
+        return run(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
                    receivers, receiver_band, receiver_top_k)
 
 
