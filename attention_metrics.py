@@ -8,7 +8,8 @@ Read it top to bottom:
   4. peaks and the Table-2 coupling statistics,
   5. rhythm_signals(): the metrics straight from a model, either through explicit maps
      (method="explicit", the reference) or the memory-lean tiled path (method="lean", default)
-     that never holds an (N, N) map per head,
+     that never holds an (N, N) map per head; rhythm_signals_from() is the lean path from a
+     forward the caller already ran,
   6. pictures: plot_rhythm() (PNG like the paper's Figure 2) and render_html().
 
 One sequence = prompt followed by response; the response starts at index `start` and runs to the
@@ -720,9 +721,9 @@ def _group_mean(per_pair, picked):
     return per_pair.gather(1, picked[..., None].expand(-1, -1, per_pair.size(-1))).mean(1)
 
 
-def _lean_signals(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
+def _lean_signals(model, h, qk, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
                   receivers, receiver_band, receiver_top_k):
-    h, _, qk = model.hidden_states(input_ids, attention_mask=attention_mask, qk_layers=tuple(layers))
+    """The lean path from the outputs of model.hidden_states (h (B, T, C), qk of the layers; qk is emptied)."""
     B, T = input_ids.shape
     H = model.config.num_attention_heads
     P = H * len(layers)
@@ -827,10 +828,48 @@ def rhythm_signals(model, input_ids, starts, attention_mask=None, layers=None, h
       with receivers=True also fai_receiver (R,), receiver_heads (n, 2), receiver_kurtosis (L*H,).
     A row with an empty response (start == T) gets empty signals, NaN spans and empty groups.
     """
-    if heads not in ("targeted", "all"):
-        raise ValueError(f"heads must be 'targeted' or 'all', got {heads!r}")
     if method not in ("lean", "explicit"):
         raise ValueError(f"method must be 'lean' or 'explicit', got {method!r}")
+    layers, starts = _check_signal_args(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi,
+                                        frac, receiver_band, receiver_top_k)
+    args = (input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac, receivers, receiver_band,
+            receiver_top_k)
+    with torch.no_grad():
+        if method == "explicit":
+            return _explicit_signals(model, *args)
+        h, _, qk = model.hidden_states(input_ids, attention_mask=attention_mask, qk_layers=tuple(layers))
+        return _lean_signals(model, h, qk, *args)
+
+
+def rhythm_signals_from(model, h, qk, input_ids, starts, attention_mask=None, layers=None, heads="targeted",
+                        window=WAAD_WINDOW, h_lo=FAI_H_LO, h_hi=FAI_H_HI, frac=HEAD_GROUP_FRAC, receivers=False,
+                        receiver_band=RECEIVER_BAND, receiver_top_k=None):
+    """rhythm_signals(method="lean") from a forward the caller has already run, so one forward can
+    serve both the signals and something else: GRPO takes its old log-probs from the same h.
+
+    h, _, qk = model.hidden_states(input_ids, attention_mask=attention_mask, qk_layers=layers) on the
+    same batch, with layers as passed here (None: default_layers(L)); h is (B, T, C) and qk
+    {layer: (q (B, H, T, D), k (B, Hkv, T, D))}. qk is emptied as it is read, so the batch's q and k
+    are held at most once more, one layer at a time. Everything else and the result are as in
+    rhythm_signals, and equal to it on the same batch.
+    """
+    layers, starts = _check_signal_args(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi,
+                                        frac, receiver_band, receiver_top_k)
+    missing = [layer for layer in layers if layer not in qk]
+    if missing:
+        raise ValueError(f"qk lacks layers {missing}: run model.hidden_states(..., qk_layers={tuple(layers)})")
+    if h.shape[:2] != input_ids.shape:
+        raise ValueError(f"h must be (B, T, C) with (B, T) = {tuple(input_ids.shape)}, got {tuple(h.shape)}")
+    with torch.no_grad():
+        return _lean_signals(model, h, qk, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi,
+                             frac, receivers, receiver_band, receiver_top_k)
+
+
+def _check_signal_args(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
+                       receiver_band, receiver_top_k):
+    """Validate the arguments of rhythm_signals; returns (sorted layer list, starts as an int list)."""
+    if heads not in ("targeted", "all"):
+        raise ValueError(f"heads must be 'targeted' or 'all', got {heads!r}")
     _check_window(window, h_lo, h_hi)
     if not isinstance(receiver_band, int) or receiver_band < 0:
         raise ValueError(f"receiver_band must be an int >= 0, got {receiver_band!r}")
@@ -842,11 +881,7 @@ def rhythm_signals(model, input_ids, starts, attention_mask=None, layers=None, h
     num_pairs = len(layers) * model.config.num_attention_heads
     if receiver_top_k is not None and (not isinstance(receiver_top_k, int) or not 1 <= receiver_top_k <= num_pairs):
         raise ValueError(f"receiver_top_k must be None or an int in [1, {num_pairs}], got {receiver_top_k!r}")
-    starts = _check_batch(input_ids, starts, attention_mask)
-    run = _lean_signals if method == "lean" else _explicit_signals
-    with torch.no_grad():
-        return run(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
-                   receivers, receiver_band, receiver_top_k)
+    return layers, _check_batch(input_ids, starts, attention_mask)
 
 
 # -----------------------------------------------------------------------------

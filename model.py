@@ -348,7 +348,10 @@ class Transformer(nn.Module):
         for block in self.layers:
             x, _, _ = block(x, cos, sin, mask, cache)
         cache.length += T
-        return self.lm_head(self.norm(x[:, -1]))
+        h = self.norm(x[:, -1])  # (B, C)
+        # The LM head as (V, C) @ (C, B): the same product as lm_head(h), but CPU BLAS (MKL) runs
+        # this layout about 1.4x faster at small batches, and the head is a third of a CPU step.
+        return (self.lm_head.weight @ h.T).T.contiguous()  # (B, V)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop_ids=(), seed=None,

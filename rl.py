@@ -5,11 +5,12 @@ One batch, start to finish, is `GRPO.step(examples)`:
 1. rollout   each prompt is sampled G times with the model's KV-cache `generate`;
              the task scores every response (reward) and checks it (correct).
 2. advantage `group_advantages`: (r - group mean) / (group std + eps), Eq. 6, one per response.
-3. credit    one extra no-grad forward over prompt + response gives WAAD/FAI/entropy
-             (`attention_metrics.rhythm_signals`), and `credit_gamma` turns them into one
-             gamma per response token. Skipped for strategies "none" and "random".
-4. update    old log-probs are recomputed with the current policy, then the rollout batch is
-             split into micro-batches and each micro-batch is one AdamW step on
+3. credit    the no-grad forward over prompt + response that gives the old log-probs (which
+             GRPO needs anyway) also gives WAAD/FAI/entropy (`attention_metrics.rhythm_signals_from`
+             on its hidden states and q/k), and `credit_gamma` turns them into one gamma per
+             response token. Strategies "none" and "random" need no signals and run no forward here.
+4. update    (old log-probs are computed here instead when credit ran no forward), then the
+             rollout batch is split into micro-batches and each micro-batch is one AdamW step on
              `policy_loss`, the clipped surrogate of Eq. 12 with A~_t = gamma_t * A (Eq. 13).
 
 The paper's comparisons (GRPO, random / entropy / local / global / coupled credit, bottom-q,
@@ -22,10 +23,12 @@ Project defaults (the paper is silent on these; they are decided here, in one pl
 - The rollout batch is counted in responses: `rollout_batch_size` = prompts x G. The paper's
   512 / 32 gives 16 optimizer steps per rollout batch; each micro-batch is one optimizer step
   (no gradient accumulation), with the old log-probs fixed for the whole rollout batch.
-- Old log-probs are recomputed by a forward of the current policy before any update, on the
-  same micro-batches and with the same code as the update, so the first micro-step starts at
-  ratio 1. The generate-time log-probs differ by numerics (KV cache, other padding);
-  their mean gap is reported as the metric `logp_gen_gap`.
+- Old log-probs are recomputed by a no-grad forward of the current policy before any update
+  (not taken from generate, whose KV-cache numerics differ; the mean gap is the metric
+  `logp_gen_gap`). With signal-based credit (lean path) that forward is the credit forward, run
+  on the rollout's own micro-batches, so the first micro-step starts at ratio 1 up to float
+  noise of other padding (~1e-6); otherwise (none / random / explicit credit) the update runs it
+  on its own micro-batches with its own code, and the ratio starts at exactly 1.
 - Log-probs are taken under softmax(logits / temperature), the distribution that was sampled
   (temperature 1.0 in the paper, where this is plain softmax).
 - The response includes the stop token when one was emitted (the policy learns to stop); the
@@ -59,7 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from attention_metrics import LAYER_CHOICES, STRATEGIES, credit_gamma, default_layers, rhythm_signals
+from attention_metrics import (LAYER_CHOICES, STRATEGIES, credit_gamma, default_layers, rhythm_signals,
+                               rhythm_signals_from)
 from distributed import (all_gather_objects, all_reduce_sum, gathered, is_distributed, local_value, rank,
                          replica_spread, shard_range, world_size, wrap)
 
@@ -308,6 +312,13 @@ def token_logprobs(model, input_ids, attention_mask, n_resp: int, temperature: f
     if n_resp >= T:
         raise ValueError(f"n_resp ({n_resp}) must be smaller than the sequence length ({T})")
     logits, _ = model(input_ids, attention_mask=attention_mask, logits_to_keep=n_resp + 1)  # (B, n_resp + 1, V)
+    return logprobs_of(logits, input_ids, temperature, with_entropy)
+
+
+def logprobs_of(logits, input_ids, temperature: float = 1.0, with_entropy: bool = False):
+    """token_logprobs from the logits (B, n_resp + 1, V) of the last n_resp + 1 positions, e.g.
+    lm_head of the last hidden states of a forward the caller ran for something else."""
+    T, n_resp = input_ids.shape[1], logits.shape[1] - 1
     logits = logits[:, :-1].float()  # (B, n_resp, V)
     if temperature not in (0, 1):
         logits = logits / temperature
@@ -335,6 +346,7 @@ class Rollout:
     truncated: torch.Tensor        # (B,) float 0/1: no stop token within max_new_tokens
     advantages: torch.Tensor = None    # (B,)
     gammas: list = field(default_factory=list)   # (B,) tensors (R_b,), detached
+    old_logp: list = field(default_factory=list)  # (B,) tensors (R_b,) when credit computed them, else empty
 
 
 def merge_rollouts(parts: list) -> Rollout:
@@ -433,50 +445,65 @@ class GRPO:
 
     # ---- credit ----
 
-    def credit(self, roll: Rollout, seed: int, first: int = 0) -> None:
-        """Fill roll.gammas, one detached (R_b,) tensor per response (Eq. 14-19 via credit_gamma).
+    def credit(self, roll: Rollout, seed: int, first: int = 0) -> float:
+        """Fill roll.gammas, one detached (R_b,) tensor per response (Eq. 14-19 via credit_gamma),
+        and, for signal strategies on the lean path, roll.old_logp from the same forward.
 
         Random credit draws response i's tokens with a generator seeded seed + first + i.
-        Under FSDP the caller holds the model gathered.
+        Under FSDP the caller holds the model gathered (self.model's hidden_states then runs on
+        whole weights, outside the wrapper's forward). Returns the seconds spent on the old
+        log-probs' share: the forward and the LM head (0.0 when no forward ran).
         """
         cfg = self.config
         lengths = [len(r) for r in roll.response_ids]
         if cfg.strategy == "none":
             roll.gammas = [torch.ones(n) for n in lengths]
-            return
+            return 0.0
         kw = dict(q=cfg.q, gamma_amp=cfg.gamma_amp, k=cfg.k, alpha=cfg.alpha, bottom=cfg.bottom)
         if cfg.strategy == "random":
             roll.gammas = [credit_gamma("random", waad=torch.zeros(n), **kw,
                                         generator=torch.Generator().manual_seed(seed + first + i))
                            for i, n in enumerate(lengths)]
-            return
+            return 0.0
         layers = cfg.credit_layers
         if isinstance(layers, str):
             layers = default_layers(self.model.config.num_hidden_layers, layers)
-        gammas = []
+        signal_kw = dict(layers=layers, heads=cfg.credit_heads, window=cfg.window, h_lo=cfg.h_lo, h_hi=cfg.h_hi)
+        gammas, old_logp, old_logp_time = [], [], 0.0
         self.model.eval()
         with torch.no_grad():
             for rows in _chunks(range(len(lengths)), cfg.micro_batch_size):
                 batch = self._batch(roll, rows)
-                signals = rhythm_signals(self.model, batch["input_ids"], batch["starts"], batch["attention_mask"],
-                                         layers=layers, heads=cfg.credit_heads, window=cfg.window,
-                                         h_lo=cfg.h_lo, h_hi=cfg.h_hi, method=cfg.credit_method)
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                if cfg.credit_method == "explicit":  # the reference path runs its own forward
+                    signals = rhythm_signals(self.model, ids, batch["starts"], mask, method="explicit", **signal_kw)
+                else:
+                    t0 = time.perf_counter()
+                    h, _, qk = self.model.hidden_states(ids, attention_mask=mask, qk_layers=tuple(layers))
+                    n_resp = batch["response_mask"].shape[1]
+                    logp, _ = logprobs_of(self.model.lm_head(h[:, -(n_resp + 1):]), ids, cfg.temperature)
+                    old_logp += [logp[i, n_resp - lengths[b]:].cpu() for i, b in enumerate(rows)]
+                    old_logp_time += time.perf_counter() - t0
+                    signals = rhythm_signals_from(self.model, h, qk, ids, batch["starts"], mask, **signal_kw)
                 for s in signals:
                     gammas.append(credit_gamma(cfg.strategy, waad=s["waad"], fai=s["fai"], entropy=s["entropy"], **kw)
                                   .detach().float().cpu())
-        roll.gammas = gammas
+        roll.gammas, roll.old_logp = gammas, old_logp
+        return old_logp_time
 
     # ---- update ----
 
     def _batch(self, roll: Rollout, rows: list, with_update_fields: bool = False) -> dict:
         """build_batch over the given responses, plus (for the update) their gammas, generate-time
-        log-probs and advantages, all on the model's device."""
+        log-probs, advantages and old log-probs (when credit computed them), all on the model's device."""
         batch = build_batch([roll.prompt_ids[b] for b in rows], [roll.response_ids[b] for b in rows], self.pad_id)
         if with_update_fields:
             n_resp = batch["response_mask"].shape[1]
             batch["gamma"] = right_align([roll.gammas[b].tolist() for b in rows], n_resp, 1.0)
             batch["gen_logp"] = right_align([roll.gen_logp[b] for b in rows], n_resp, 0.0)
             batch["advantages"] = roll.advantages[rows]
+            if roll.old_logp:
+                batch["old_logp"] = right_align([roll.old_logp[b] for b in rows], n_resp, 0.0)
         return {key: value.to(self.model.device) for key, value in batch.items()}
 
     def _logprobs(self, model, batch, with_entropy=False):
@@ -491,7 +518,8 @@ class GRPO:
         the wrapper averages the gradients over ranks. With norm="sequence" that average is the
         mean over the whole micro-batch; with norm="token" each rank's loss is first scaled by
         world_size x its tokens / the micro-batch's tokens, so it is the micro-batch's token mean.
-        Logged loss and token-mean diagnostics are those of the whole micro-batch.
+        Logged loss and token-mean diagnostics are those of the whole micro-batch. Old log-probs come
+        from the rollout when credit computed them, else from a forward here, timed as time_old_logp.
         """
         cfg = self.config
         order = torch.randperm(len(roll.response_ids), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -499,14 +527,18 @@ class GRPO:
         mine = [rows[self.rank * part:(self.rank + 1) * part] for rows in _chunks(order, cfg.micro_batch_size)]
         batches = [self._batch(roll, rows, with_update_fields=True) for rows in mine]
         self.policy.train()
+        t0 = time.perf_counter()
         with torch.no_grad(), gathered(self.model):
             for batch in batches:
-                batch["old_logp"], _ = self._logprobs(self.model, batch)
+                if "old_logp" not in batch:
+                    batch["old_logp"], _ = self._logprobs(self.model, batch)
+            old_logp_time = time.perf_counter() - t0
+            for batch in batches:
                 batch["ref_logp"] = self._logprobs(self.ref_model, batch)[0] if self.ref_model is not None else None
         tokens = torch.stack([b["response_mask"].sum() for b in batches])  # (n_micro,) this rank's
         all_tokens = all_reduce_sum(tokens)  # (n_micro,) whole micro-batches
         gap = sum(((b["old_logp"] - b["gen_logp"]).abs() * b["response_mask"]).sum() for b in batches)
-        stats = {"logp_gen_gap": (all_reduce_sum(gap) / all_tokens.sum()).item()}
+        stats = {"logp_gen_gap": (all_reduce_sum(gap) / all_tokens.sum()).item(), "time_old_logp": old_logp_time}
 
         logs, grad_norms = [], []
         for _ in range(cfg.ppo_epochs):
@@ -536,10 +568,16 @@ class GRPO:
         Metrics: reward_mean, reward_std, accuracy, response_length, truncated_frac, zero_adv_frac
         (share of groups with equal rewards), gamma_mean, amplified_frac (share of response
         tokens with gamma > 1 after the sign rule), loss, grad_norm, clip_frac, approx_kl,
-        ratio_mean, logp_gen_gap, kl_ref (when kl_coef > 0), time_generate (sampling and
-        scoring), time_credit, time_update (old log-probs and optimizer steps), time_step, step;
-        with DDP, replica_spread (distributed.replica_spread: 0.0 when the replicas agree).
+        ratio_mean, logp_gen_gap, kl_ref (when kl_coef > 0), step; with DDP, replica_spread
+        (distributed.replica_spread: 0.0 when the replicas agree); and the times below.
         examples: all of the step's prompts, the same on every rank; the times are this rank's.
+
+        Time accounting (the four parts add up to time_step): time_generate = sampling and scoring;
+        time_old_logp = the no-grad forward and LM head for the old log-probs, which GRPO needs with
+        or without credit (with signal credit it is the credit forward; else it runs in update);
+        time_credit = only what credit adds on top of that forward: the signals from its hidden
+        states and q/k, and credit_gamma (with credit_method="explicit" also its own forward);
+        time_update = the rest of update (exchange, reference log-probs, optimizer steps).
         """
         cfg = self.config
         if len(examples) != cfg.prompts_per_step:
@@ -552,7 +590,7 @@ class GRPO:
         with gathered(self.model):
             local = self.rollout(examples[lo:hi], gen_seed, first)
             t1 = time.perf_counter()
-            self.credit(local, credit_seed, first)
+            credit_old_logp = self.credit(local, credit_seed, first)
         t2 = time.perf_counter()
         roll = merge_rollouts(all_gather_objects(local))
         stats = self.update(roll, order_seed)
@@ -575,8 +613,9 @@ class GRPO:
             "amplified_frac": (gamma > 1).float().mean().item() if gamma.numel() else 0.0,
             **stats,
             "time_generate": t1 - t0,
-            "time_credit": t2 - t1,
-            "time_update": t3 - t2,
+            "time_credit": t2 - t1 - credit_old_logp,
+            "time_old_logp": credit_old_logp + stats["time_old_logp"],
+            "time_update": t3 - t2 - stats["time_old_logp"],
             "time_step": t3 - t0,
         }
         return metrics

@@ -57,32 +57,33 @@ class RunConfig:
     task: str = "countdown"          # countdown | gsm8k | math
     data: str | None = None          # JSONL for gsm8k / math
     num_numbers: int = 3
-    max_number: int = 20
+    max_number: int = 30
     max_target: int = 100
     prompt_style: str = "compact"
     n_train: int = 20_000
     n_test: int = 512
-    steps: int = 60                  # GRPO steps
+    steps: int = 80                  # GRPO steps
     eval_every: int = 20
     eval_size: int = 256             # held-out problems per evaluation
     checkpoint_every: int = 20
     rhythm_examples: int = 3         # held-out responses drawn as rhythm PNG + HTML
     # model from scratch (ignored with --init)
     n_layer: int = 4
-    n_embd: int = 192
-    n_head: int = 6
+    n_embd: int = 128
+    n_head: int = 4
     n_kv_head: int = 2
     head_dim: int = 32
     intermediate: int = 512
     context: int = 256
     # supervised warm-up (from scratch only)
     sft_steps: int = 600
-    sft_batch: int = 32
+    sft_batch: int = 64
     sft_lr: float = 3e-3
 
 
-DEMO = dict(run={}, rl=dict(group_size=8, rollout_batch_size=64, micro_batch_size=32, max_new_tokens=48, lr=2e-4,
-                            strategy="coupled", h_hi=100, eval_batch_size=256))
+# The CPU demo (RunConfig's defaults): a 1M-parameter model, 600 warm-up steps, 80 GRPO steps of 16 prompts x 8.
+DEMO = dict(run={}, rl=dict(group_size=8, rollout_batch_size=128, micro_batch_size=32, max_new_tokens=64, lr=3e-5,
+                            strategy="coupled", eval_batch_size=256))
 SMOKE = dict(run=dict(steps=4, eval_every=2, checkpoint_every=2, eval_size=16, n_train=400, n_test=32, sft_steps=30,
                       n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, intermediate=128, rhythm_examples=1),
              rl=dict(group_size=4, rollout_batch_size=16, micro_batch_size=8, max_new_tokens=24))

@@ -387,6 +387,23 @@ def test_lean_matches_maps_of_the_model(tiny_model, padded_batch, monkeypatch):
     torch.testing.assert_close(lean["entropy"], am.token_entropy(logits[1], start), rtol=1e-5, atol=1e-5)
 
 
+def test_signals_from_a_callers_forward_equal_rhythm_signals(tiny_model, padded_batch):
+    """rhythm_signals_from on the outputs of the caller's hidden_states call == rhythm_signals, exactly."""
+    ids, mask, starts = padded_batch
+    layers = [1, 3, 4]
+    expected = am.rhythm_signals(tiny_model, ids, starts, mask, layers=layers, receivers=True)
+    with torch.no_grad():
+        h, _, qk = tiny_model.hidden_states(ids, attention_mask=mask, qk_layers=tuple(layers))
+    got = am.rhythm_signals_from(tiny_model, h, qk, ids, starts, mask, layers=layers, receivers=True)
+    for a, b in zip(got, expected):
+        for key in SIGNALS + GROUPS:
+            assert torch.equal(a[key], b[key]), key
+    with torch.no_grad():
+        h, _, qk = tiny_model.hidden_states(ids, attention_mask=mask, qk_layers=(1, 3))
+    with pytest.raises(ValueError, match=r"qk lacks layers \[4\]"):
+        am.rhythm_signals_from(tiny_model, h, qk, ids, starts, mask, layers=layers)
+
+
 def test_padded_row_equals_the_row_alone(tiny_model, padded_batch):
     ids, mask, starts = padded_batch
     batch = am.rhythm_signals(tiny_model, ids, starts, mask)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
+from attention_metrics import credit_gamma, default_layers, rhythm_signals
 from rl import GRPO, RLConfig, apply_sign, build_batch, group_advantages, policy_loss, token_logprobs
 
 
@@ -310,11 +311,43 @@ def test_no_attention_pass_for_none_and_random(strategy, monkeypatch):
         raise AssertionError("rhythm_signals must not run for strategy " + strategy)
 
     monkeypatch.setattr("rl.rhythm_signals", forbidden)
+    monkeypatch.setattr("rl.rhythm_signals_from", forbidden)
     trainer = _trainer(strategy, micro_batch_size=4, ppo_epochs=2)
     m = trainer.step(EXAMPLES)
     # 16 responses / micro-batch 4 = 4 optimizer steps per epoch, 2 epochs
     assert trainer.state_dict()["optim.embed_tokens.weight.step"].item() == 8
     assert (m["amplified_frac"] > 0) == (strategy == "random")
+
+
+def test_credit_forward_gives_old_logprobs_and_signals():
+    """The fused credit forward: old log-probs == token_logprobs and gammas == credit_gamma of
+    rhythm_signals on the same micro-batches, and the update runs no second no-grad forward."""
+    trainer = _trainer("coupled", temperature=0.7, micro_batch_size=4)
+    cfg = trainer.config
+    roll = trainer.rollout(EXAMPLES, seed=3)
+    assert trainer.credit(roll, seed=4) > 0
+    layers = default_layers(trainer.model.config.num_hidden_layers, cfg.credit_layers)
+    kw = dict(q=cfg.q, gamma_amp=cfg.gamma_amp, k=cfg.k, alpha=cfg.alpha)
+    for r0 in range(0, 16, 4):
+        rows = list(range(r0, r0 + 4))
+        b = build_batch([roll.prompt_ids[i] for i in rows], [roll.response_ids[i] for i in rows], pad_id=0)
+        with torch.no_grad():
+            logp, _ = token_logprobs(trainer.model, b["input_ids"], b["attention_mask"], b["response_mask"].shape[1],
+                                     temperature=0.7)
+        signals = rhythm_signals(trainer.model, b["input_ids"], b["starts"], b["attention_mask"], layers=layers,
+                                 window=cfg.window, h_lo=cfg.h_lo, h_hi=cfg.h_hi)
+        for j, (i, s) in enumerate(zip(rows, signals)):
+            R = len(roll.response_ids[i])
+            torch.testing.assert_close(roll.old_logp[i], logp[j, -R:], rtol=0, atol=1e-6)
+            expected = credit_gamma("coupled", waad=s["waad"], fai=s["fai"], entropy=s["entropy"], **kw)
+            assert torch.equal(roll.gammas[i], expected)
+
+    calls = []
+    forward = trainer._logprobs
+    trainer._logprobs = lambda model, *args, **kwargs: calls.append(model) or forward(model, *args, **kwargs)
+    m = trainer.step(EXAMPLES)
+    assert len(calls) == 4 and all(model is trainer.policy for model in calls)  # 16 / 4 optimizer steps only
+    assert m["logp_gen_gap"] < 1e-4 and m["time_old_logp"] > 0  # the rollout's old log-probs were used
 
 
 def test_greedy_evaluate_is_deterministic():
