@@ -1,7 +1,6 @@
 """sft.py: hand-built loss masks, a per-token reference loss, the lr schedule, and a short warm-up."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
