@@ -16,7 +16,6 @@ from model import Qwen3Config, Transformer
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("time_generate", "time_credit", "time_update", "time_step")
 
 
 def run_train(*args, check=True):
@@ -29,7 +28,8 @@ def run_train(*args, check=True):
 
 
 def comparable(records):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+    """Records without their wall-clock timings (time_generate, time_credit, ...)."""
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in records]
 
 
 def read_records(path):
