@@ -361,7 +361,7 @@ def draw_rhythm(model, tokenizer, trainer: GRPO, examples, out: Path, rl: RLConf
                                  receivers=True)[0]
         gamma = credit_gamma("coupled", waad=signals["waad"], fai=signals["fai"], q=rl.q, gamma_amp=rl.gamma_amp,
                              k=rl.k, alpha=rl.alpha)
-        maps = aggregated_maps(model, batch["input_ids"][:, :], start, layers=layers)
+        maps = aggregated_maps(model, batch["input_ids"], start, layers=layers)
         tokens = token_strings(tokenizer, response)
         title = f"{examples[i].prompt.strip()[-60:]!r}"
         plot_rhythm(out / f"{prefix}_{i}.png", signals, tokens=tokens, maps=maps, q=rl.q, title=title)
