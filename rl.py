@@ -109,6 +109,8 @@ class RLConfig:
     h_hi: int = 100
     # optimizer
     lr: float = 1e-6                 # paper: 1e-6
+    lr_warmup_steps: int = 0         # lr over the run's GRPO steps (sft.lr_at, applied by train.py): linear
+    min_lr_ratio: float = 1.0        # warm-up, then cosine decay to min_lr_ratio * lr; 1.0 = constant (paper)
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
@@ -136,6 +138,9 @@ class RLConfig:
         _check_choice("credit_method", self.credit_method, ("lean", "explicit"))
         _check_choice("norm", self.norm, NORMS)
         _check_choice("sign", self.sign, SIGNS)
+        if self.lr_warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"lr_warmup_steps must be >= 0 and min_lr_ratio in [0, 1]; got "
+                             f"{self.lr_warmup_steps} and {self.min_lr_ratio}")
         if self.ppo_epochs < 1 or self.max_new_tokens < 1:
             raise ValueError("ppo_epochs and max_new_tokens must be >= 1")
         if self.temperature <= 0:
@@ -561,6 +566,11 @@ class GRPO:
         return stats
 
     # ---- one step ----
+
+    def set_lr(self, lr: float):
+        """The lr of the next optimizer steps (the caller owns the schedule: train.py uses sft.lr_at)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def step(self, examples: list) -> dict:
         """One rollout batch -> one round of updates. Returns float metrics for the logger.

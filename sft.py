@@ -15,8 +15,9 @@ One step, start to finish:
 4. one AdamW step, lr from `lr_at`.
 
 Project defaults (decided here, in one place):
-- The prompt is encoded exactly as GRPO encodes it (`allow_special=True`) and the response
-  separately, so the prompt/response token boundary is the one RL samples from.
+- Prompt and response are encoded as GRPO sees them (`allow_special=True`, so task markup such as
+  `<think>` is one token when the tokenizer has it) and separately, so the prompt/response token
+  boundary is the one RL samples from.
 - The eos is a training target: the model learns to stop, which RL rollouts rely on.
 - Rows are right padded: a causal model never lets a real token see the padding after it, so no
   attention mask is needed; padding only has to be left out of the loss.
@@ -42,7 +43,7 @@ def encode_pair(tokenizer, prompt: str, response: str) -> tuple:
     prompt_ids = tokenizer.encode(prompt, allow_special=True)
     if not prompt_ids:
         raise ValueError(f"prompt encodes to no tokens: {prompt!r}")
-    return prompt_ids, tokenizer.encode(response) + [tokenizer.eos_id]
+    return prompt_ids, tokenizer.encode(response, allow_special=True) + [tokenizer.eos_id]
 
 
 def build_sft_batch(pairs: list, pad_id: int) -> tuple:

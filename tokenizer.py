@@ -24,8 +24,9 @@ Project defaults (one place):
     pad: tokenizer_config.json `pad_token`, else `pad_token_id` from those files, else eos.
   * `Tokenizer.byte_level()`: ids 0..255 are the bytes, specials follow from 256 in the given order,
     eos = first special (`<|endoftext|>`), pad = second (`<|pad|>`) or eos when there is only one.
-    No normalisation, so decode(encode(s)) == s for every string. Markup such as `<think>` or
-    `<answer>` is plain text (bytes), not a special token.
+    No normalisation, so decode(encode(s)) == s for every string. The default specials also hold the
+    task markup `<think>`, `</think>`, `<answer>`, `</answer>` (ids 258-261), matched like every
+    added token only with `allow_special=True`.
   * decode() drops ids outside the vocabulary (as Hugging Face does), e.g. ids a model with a padded
     embedding table samples above `vocab_size`, and replaces invalid UTF-8 with U+FFFD.
 """
@@ -42,7 +43,9 @@ QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-BYTE_LEVEL_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+# The reasoning/answer markup of the tasks is one token each, as `<think>` is in Qwen3's own vocabulary:
+# a scratch model then spends its capacity (and GRPO its 1/|o| loss weight) on the reasoning itself.
+BYTE_LEVEL_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<think>", "</think>", "<answer>", "</answer>")
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -365,6 +365,8 @@ def test_greedy_evaluate_is_deterministic():
     (dict(strategy="attention"), "unknown strategy"),
     (dict(norm="batch"), "unknown norm"),
     (dict(sign="up"), "unknown sign"),
+    (dict(min_lr_ratio=1.5), "min_lr_ratio in \\[0, 1\\]"),
+    (dict(lr_warmup_steps=-1), "lr_warmup_steps must be >= 0"),
 ])
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -20,9 +20,10 @@ def _tiny_model(seed=0, **overrides):
 
 def test_encode_pair_appends_eos_to_the_response_only():
     tok = Tokenizer.byte_level()
-    prompt, response = encode_pair(tok, "3 4 -> 7\n", "<think>")
+    prompt, response = encode_pair(tok, "3 4 -> 7\n", "<think>3+4=7</think>")
     assert prompt == list(b"3 4 -> 7\n")  # byte-level: ids are the bytes
-    assert response == list(b"<think>") + [tok.eos_id]
+    # the task markup is one token each, as GRPO's rollouts produce it
+    assert response == [tok.special_tokens["<think>"], *b"3+4=7", tok.special_tokens["</think>"], tok.eos_id]
 
 
 def test_loss_mask_covers_exactly_response_and_eos():
@@ -64,6 +65,8 @@ def test_lr_schedule_hand_values():
     assert lr_at(99, 100, 1.0, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
     assert math.isclose(lr_at(5, 10, 2.0, warmup_steps=0, min_lr_ratio=0.0),
                         2.0 * 0.5 * (1 + math.cos(math.pi * 5 / 9)))
+    # min_lr_ratio 1 without warm-up is the paper's constant GRPO lr
+    assert {lr_at(s, 50, 3.0, warmup_steps=0, min_lr_ratio=1.0) for s in range(50)} == {3.0}
 
 
 def test_warmup_reduces_loss_and_is_deterministic():

@@ -210,8 +210,9 @@ def test_decode_skips_unknown_ids(qwen):
 
 def test_byte_level_round_trip_and_ids():
     tok = Tokenizer.byte_level()
-    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (258, 256, 257)
-    assert tok.special_tokens == {"<|endoftext|>": 256, "<|pad|>": 257}
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (262, 256, 257)
+    assert tok.special_tokens == {"<|endoftext|>": 256, "<|pad|>": 257, "<think>": 258, "</think>": 259,
+                                  "<answer>": 260, "</answer>": 261}
     rng = random.Random(1)
     for text in [random_unicode(rng, rng.randint(0, 60)) for _ in range(300)] + STRINGS[:200]:
         ids = tok.encode(text)
@@ -219,11 +220,11 @@ def test_byte_level_round_trip_and_ids():
         assert tok.decode(ids) == text
 
 
-def test_byte_level_specials_and_plain_tags():
+def test_byte_level_specials_and_task_markup():
     tok = Tokenizer.byte_level()
-    text = "<think>3+5=8</think><answer>8</answer><|endoftext|>"
+    text = "<think>3+5=8</think> <answer>8</answer><|endoftext|>"
     ids = tok.encode(text, allow_special=True)
-    assert ids == list(text[:-len("<|endoftext|>")].encode()) + [256]
+    assert ids == [258, *b"3+5=8", 259, *b" ", 260, *b"8", 261, 256]
     assert tok.encode(text) == list(text.encode())
     assert tok.decode(ids) == text
     assert Tokenizer.byte_level(special_tokens=("<|eot|>",)).pad_id == 256

@@ -1,6 +1,7 @@
 """train.py end to end: the smoke run's files, resuming a killed run, and one-line errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -57,6 +58,17 @@ def test_smoke_run_writes_every_file(smoke_run):
     assert config["rl"]["strategy"] == "coupled" and config["run"]["steps"] == 4
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert 0.0 <= summary["accuracy_after_rl"] <= 1.0
+
+
+def test_smoke_run_lr_decays_as_configured(smoke_run):
+    # the demo's GRPO lr: cosine from lr at the first step to min_lr_ratio * lr at the last (4 steps here)
+    rl = json.loads((smoke_run / "run_config.json").read_text())["rl"]
+    assert rl["lr_warmup_steps"] == 0 and rl["min_lr_ratio"] < 1.0
+    ratio = rl["min_lr_ratio"]
+    expected = [rl["lr"] * (ratio + (1 - ratio) * (1 + math.cos(math.pi * s / 3)) / 2) for s in range(4)]
+    lrs = [r["lr"] for r in read_records(smoke_run / "metrics.jsonl") if r["kind"] == "train"]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[-1] == pytest.approx(ratio * rl["lr"])
 
 
 def test_smoke_checkpoint_reloads_in_transformers_with_same_logits(smoke_run):
