@@ -611,7 +611,8 @@ def main(argv=None):
 
 
 def resume_run(out: Path, parallel: str | None = None, steps: int | None = None):
-    """Continue the run in out; steps (optional) moves its end, e.g. to extend a finished run."""
+    """Continue the run in out; steps (optional) moves its end, e.g. to extend a finished run (a
+    decaying lr, min_lr_ratio < 1, then follows its schedule over the new number of steps)."""
     config_file, ckpt = out / "run_config.json", out / "checkpoint" / "progress.json"
     if not config_file.is_file() or not ckpt.is_file():
         raise UsageError(f"--resume {out}: no run_config.json and checkpoint/progress.json there to resume from")
