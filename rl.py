@@ -66,6 +66,7 @@ from attention_metrics import (LAYER_CHOICES, STRATEGIES, credit_gamma, default_
                                rhythm_signals_from)
 from distributed import (all_gather_objects, all_reduce_sum, gathered, is_distributed, local_value, rank,
                          replica_spread, shard_range, world_size, wrap)
+from sft import lr_at
 
 NORMS = ("sequence", "token")
 SIGNS = ("both", "positive", "negative")
@@ -109,8 +110,8 @@ class RLConfig:
     h_hi: int = 100
     # optimizer
     lr: float = 1e-6                 # paper: 1e-6
-    lr_warmup_steps: int = 0         # lr over the run's GRPO steps (sft.lr_at, applied by train.py): linear
-    min_lr_ratio: float = 1.0        # warm-up, then cosine decay to min_lr_ratio * lr; 1.0 = constant (paper)
+    lr_warmup_steps: int = 0         # lr over a run's GRPO steps (GRPO.set_lr_for_step): linear warm-up,
+    min_lr_ratio: float = 1.0        # then cosine decay to min_lr_ratio * lr; 1.0 = constant (paper)
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
@@ -567,10 +568,15 @@ class GRPO:
 
     # ---- one step ----
 
-    def set_lr(self, lr: float):
-        """The lr of the next optimizer steps (the caller owns the schedule: train.py uses sft.lr_at)."""
+    def set_lr_for_step(self, step: int, total_steps: int) -> float:
+        """Set and return the lr of GRPO step `step` (0-based) of a run of total_steps: config.lr
+        with linear warm-up over lr_warmup_steps, then cosine decay to min_lr_ratio * lr (sft.lr_at,
+        the warm-up's schedule); constant with the defaults, as in the paper."""
+        cfg = self.config
+        lr = lr_at(step, total_steps, cfg.lr, cfg.lr_warmup_steps, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        return lr
 
     def step(self, examples: list) -> dict:
         """One rollout batch -> one round of updates. Returns float metrics for the logger.

@@ -41,7 +41,7 @@ from distributed import (MODES, broadcast_parameters, full_state_dict, gathered,
                          launched_world_size, parallel_mode, setup, teardown)
 from model import Qwen3Config, Transformer, atomic_directory, save_state_dict
 from rl import GRPO, RLConfig, build_batch, check_world_size
-from sft import lr_at, warmup
+from sft import warmup
 from tasks import make_task
 from tokenizer import Tokenizer
 
@@ -470,8 +470,7 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
                initial=progress["step"], total=run.steps)
     for step in bar:
         batch = [task.train[i] for i in data_order(len(task.train), step, rl.prompts_per_step, run.seed)]
-        lr = lr_at(step, run.steps, rl.lr, rl.lr_warmup_steps, rl.min_lr_ratio)
-        trainer.set_lr(lr)
+        lr = trainer.set_lr_for_step(step, run.steps)
         with precision(device):
             metrics = trainer.step(batch)
         if main_rank:

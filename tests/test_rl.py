@@ -250,6 +250,17 @@ def _trainer(strategy, seed=0, **overrides):
     return GRPO(_tiny_model(seed), StubTokenizer(), ContainsTask(), cfg)
 
 
+def test_lr_schedule_reaches_the_optimizer():
+    # defaults: the paper's constant lr; with a warm-up and a decay: linear up, then cosine down
+    constant = _trainer("none")
+    assert {constant.set_lr_for_step(s, 10) for s in range(10)} == {1e-2}
+    trainer = _trainer("none", lr_warmup_steps=2, min_lr_ratio=0.1)
+    lrs = [trainer.set_lr_for_step(s, 12) for s in range(12)]
+    expected = [5e-3, 1e-2] + [1e-2 * (0.1 + 0.9 * (1 + math.cos(math.pi * i / 9)) / 2) for i in range(10)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [lrs[-1]]
+
+
 def _without_times(metrics):
     return {k: v for k, v in metrics.items() if not k.startswith("time_")}
 
