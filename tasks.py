@@ -1,22 +1,44 @@
 """Tasks for RLVR: prompts plus a verifiable reward on the decoded response.
 
-- countdown: TinyZero protocol (the paper's headline task, Section 4 of PAPER.md): reach a target
-  with + - * / using each given number exactly once. Instances are generated, seeded, solvable.
+- countdown: the paper's headline task (Section 4 of PAPER.md): reach a target with + - * / using
+  each given number exactly once, scored by TinyZero's rule (`countdown_reward`). Instances are
+  generated here, seeded and solvable, with a fixed count of numbers (4 by default); TinyZero trains
+  on the Countdown-Tasks-3to4 data set, which mixes 3- and 4-number problems. The 'tinyzero' prompt
+  has TinyZero's structure (User/Assistant framing, <think>/<answer> tags, ending in
+  'Assistant: Let me solve this step by step.\n<think>') in our own wording.
 - gsm8k: grade-school word problems, JSONL with `question` and `answer` ending in `#### <number>`.
 - math: MATH500-style `\\boxed{}` answers, checked with `math-verify` when it is installed.
 
-Model output is untrusted: nothing here calls eval/exec. Countdown answers go through a small
-whitelisted recursive-descent parser over exact fractions, with bounded length, digits and depth.
-Project defaults for Countdown: the answer is the text between the last '</answer>' and the
-'<answer>' before it; it may hold only ASCII digits, + - * / ( ) and whitespace (no '=', no '.',
-no unary minus, no leading zeros), so e.g. '(12+5)*3 = 51' earns the 0.1 format reward.
+Model output is untrusted: nothing here calls eval/exec. A Countdown answer goes through a small
+whitelisted recursive-descent parser with bounded length, digits, nesting depth and value size.
+
+Countdown scoring is TinyZero's (verl/utils/reward_score/countdown.py in Jiayi-Pan/TinyZero):
+only the text after the last '\n' of the response counts; on it, the last <answer>...</answer>
+(scanned left to right, non-overlapping, as re.finditer does) is the answer, stripped of
+whitespace; no such block scores 0. The answer scores 1.0 if it is an arithmetic expression in
+Python's syntax over digits, + - * / ( ) . and whitespace, whose digit runs are exactly the given
+numbers (as a multiset) and whose value is within 1e-5 of the target; any other answer scores 0.1.
+TinyZero first cuts the prompt off at "Assistant:"; `response` here is the response alone, which
+scores the same for our prompts (the tinyzero prompt's last line holds no <answer>, the compact one
+ends in a newline). Python-syntax consequences kept on purpose, because TinyZero's eval has them:
+unary + and - ('-4+3*(1+2)', '--3'), '**' (power) and '//' (floor division) are accepted; a
+decimal literal counts each digit run ('1.5' uses the numbers 1 and 5, '00.5' uses 0 and 5);
+an integer with a leading zero ('03') is a Python syntax error and so scores 0.1, while '0' and
+'00' are zero; '=' or any letter scores 0.1; between tokens only space, tab and form feed are
+whitespace, and '\r' only inside parentheses (other Unicode spaces are Python syntax errors).
+Project defaults where we depart from TinyZero's eval (all score 0.1 here): answers longer than
+MAX_ANSWER_CHARS, nesting (parentheses and right-nested '**') deeper than MAX_PAREN_DEPTH, a
+literal with more than MAX_NUMBER_DIGITS significant digits, an exact value with more than
+MAX_VALUE_BITS bits (TinyZero would compute 99**99**99 for ever). Values are exact fractions
+(a power with a non-integer exponent, e.g. 4**(1/2), is a float as in Python) where TinyZero
+rounds through floats after the first '/'; the two differ only when float rounding moves a value
+across the edge of the 1e-5 band, which no 3- or 4-number answer within these bounds does.
 """
 import json
 import operator
 import random
 import re
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +47,7 @@ from typing import Any, Callable, Optional
 # ----------------------------------------------------------------------------------------------
 # Project defaults, kept in one place.
 COUNTDOWN_FORMAT_REWARD = 0.1   # TinyZero: an <answer> that is malformed, uses wrong numbers or misses
+COUNTDOWN_TOLERANCE = 1e-5      # TinyZero: correct when |value - target| < 1e-5
 COUNTDOWN_MAX_NUMBER = 99       # operands drawn from 1..99
 COUNTDOWN_MAX_TARGET = 100      # targets are integers in 1..100
 COUNTDOWN_TRAIN_SIZE = 20_000   # PAPER.md Section 4: 20,000 train / 512 test instances
@@ -32,6 +55,8 @@ COUNTDOWN_TEST_SIZE = 512
 MAX_ANSWER_CHARS = 256          # longer <answer> contents are rejected before parsing
 MAX_NUMBER_DIGITS = 9           # bounds every integer literal the parser will build
 MAX_PAREN_DEPTH = 32            # bounds recursion in the parser: far below Python's limit
+MAX_VALUE_BITS = 4096           # bounds exact intermediate values (99**99 has 657 bits)
+PYTHON_SPACES = " \t\f"          # what Python's tokenizer skips between tokens ('\r' inside parentheses)
 MAX_BOXED_CHARS = 1_000         # longest \boxed{...} content scanned for GSM8K / math
 LAST_NUMBER_WINDOW = 10_000     # extract="last_number" looks at this many trailing characters
 ASCII_DIGITS = "0123456789"     # str.isdigit()/int() also accept e.g. '١٢' or fullwidth digits
@@ -68,47 +93,98 @@ class Task:
         return self.solution_fn(example, rng)
 
 # ----------------------------------------------------------------------------------------------
-# Safe Countdown arithmetic: a whitelisted recursive-descent parser over exact fractions.
-#   expr := term (('+' | '-') term)* ; term := factor (('*' | '/') factor)* ; factor := INT | '(' expr ')'
-# There is no unary minus (TinyZero's eval() allowed one): every Countdown target is positive, and
-# any expression with negations has a negation-free twin whose value is its absolute value
-# (|a| - |b| or |b| - |a| replaces a + b with mixed signs), so nothing reachable is lost.
+# Safe Countdown arithmetic: a whitelisted recursive-descent parser for the part of Python's
+# expression grammar that TinyZero's character set [digits + - * / ( ) . whitespace] can spell:
+#   expr := term (('+' | '-') term)* ; term := unary (('*' | '/' | '//') unary)*
+#   unary := ('+' | '-')* power ; power := atom ['**' unary] ; atom := NUMBER | '(' expr ')'
+# NUMBER is a Python literal over ASCII digits and '.': '12', '0', '00', '1.5', '1.', '.5', '007.5'.
 
 
 class EquationError(ValueError):
     """The text is not a well-formed Countdown equation."""
 
 
-def _tokenize(text: str) -> list:
+def _number_literal(text: str, i: int) -> tuple:
+    """Python's maximal munch for a decimal literal at text[i]: (value, digit runs, end)."""
+    def run(k):
+        j = k
+        while j < len(text) and text[j] in ASCII_DIGITS:
+            j += 1
+        return text[k:j], j
+    whole, j = run(i)
+    fraction, is_float = "", j < len(text) and text[j] == "."
+    if is_float:
+        fraction, j = run(j + 1)
+    runs = [r for r in (whole, fraction) if r]
+    if any(len(r.lstrip("0")) > MAX_NUMBER_DIGITS for r in runs):
+        raise EquationError(f"number with more than {MAX_NUMBER_DIGITS} digits")
+    if not is_float and len(whole) > 1 and whole[0] == "0" and whole.strip("0"):
+        raise EquationError(f"integer with a leading zero: {whole} (a Python syntax error)")
+    value = Fraction(int(whole or "0")) + (Fraction(int(fraction), 10 ** len(fraction)) if fraction else 0)
+    return value, [int(r) for r in runs], j
+
+
+def _tokenize(text: str) -> tuple:
+    """(tokens, digit runs): tokens are Fractions and operator strings."""
     if len(text) > MAX_ANSWER_CHARS:
         raise EquationError(f"equation longer than {MAX_ANSWER_CHARS} characters")
-    tokens, i = [], 0
+    tokens, runs, i, depth = [], [], 0, 0
     while i < len(text):
         c = text[i]
-        if c in " \t\r\n":
+        if c in PYTHON_SPACES or (c == "\r" and depth > 0):
             i += 1
+        elif c in ASCII_DIGITS or (c == "." and i + 1 < len(text) and text[i + 1] in ASCII_DIGITS):
+            value, number_runs, i = _number_literal(text, i)
+            tokens.append(value)
+            runs += number_runs
+        elif text.startswith(("**", "//"), i):
+            tokens.append(text[i:i + 2])
+            i += 2
         elif c in "+-*/()":
+            depth += {"(": 1, ")": -1}.get(c, 0)
             tokens.append(c)
             i += 1
-        elif c in ASCII_DIGITS:
-            j = i
-            while j < len(text) and text[j] in ASCII_DIGITS:
-                j += 1
-            digits = text[i:j]
-            if len(digits) > MAX_NUMBER_DIGITS:
-                raise EquationError(f"number with more than {MAX_NUMBER_DIGITS} digits")
-            if len(digits) > 1 and digits[0] == "0":
-                raise EquationError(f"number with a leading zero: {digits}")
-            tokens.append(int(digits))
-            i = j
         else:
-            raise EquationError(f"character {c!r} is not allowed (digits, + - * / ( ) and spaces only)")
-    return tokens
+            raise EquationError(f"character {c!r} is not allowed here (Python arithmetic over digits, "
+                                "+ - * / ( ) and spaces only)")
+    return tokens, runs
+
+
+def _checked(value):
+    if isinstance(value, Fraction) and max(value.numerator.bit_length(),
+                                           value.denominator.bit_length()) > MAX_VALUE_BITS:
+        raise EquationError(f"intermediate value with more than {MAX_VALUE_BITS} bits")
+    return value
+
+
+def _power(base, exponent):
+    """Python's ** on exact values: integer exponents stay exact (bounded), others go to floats
+    (complex for a negative base), as Fraction.__pow__ and Python's eval both do."""
+    if isinstance(base, Fraction) and isinstance(exponent, Fraction) and exponent.denominator == 1:
+        e = int(exponent)
+        if base in (1, -1):  # any exponent, however large, is cheap
+            return Fraction(1) if base == 1 or e % 2 == 0 else Fraction(-1)
+        if base == 0:
+            if e < 0:
+                raise EquationError("0 raised to a negative power")
+            return Fraction(int(e == 0))
+        size = max(base.numerator.bit_length(), base.denominator.bit_length())
+        if size * abs(e) > MAX_VALUE_BITS:
+            raise EquationError(f"power with more than {MAX_VALUE_BITS} bits")
+    return base ** exponent
+
+
+def _floordiv(a, b):
+    quotient = a // b  # Fraction // Fraction is an int: keep every exact value a Fraction
+    return Fraction(quotient) if isinstance(quotient, int) else quotient
+
+
+_BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "//": _floordiv}
 
 
 class _Parser:
     def __init__(self, tokens: list):
-        self.tokens, self.pos, self.numbers = tokens, 0, []
+        self.tokens, self.pos = tokens, 0
 
     def peek(self):
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
@@ -118,29 +194,45 @@ class _Parser:
         self.pos += 1
         return tok
 
-    def expr(self, depth: int) -> Fraction:
+    def binary(self, op, a, b):
+        if op in ("/", "//") and b == 0:
+            raise EquationError("division by zero")
+        return _checked(_BINARY[op](a, b))
+
+    def expr(self, depth: int):
         value = self.term(depth)
         while self.peek() in ("+", "-"):
             op = self.take()
-            rhs = self.term(depth)
-            value = value + rhs if op == "+" else value - rhs
+            value = self.binary(op, value, self.term(depth))
         return value
 
-    def term(self, depth: int) -> Fraction:
-        value = self.factor(depth)
-        while self.peek() in ("*", "/"):
+    def term(self, depth: int):
+        value = self.unary(depth)
+        while self.peek() in ("*", "/", "//"):
             op = self.take()
-            rhs = self.factor(depth)
-            if op == "/" and rhs == 0:
-                raise EquationError("division by zero")
-            value = value * rhs if op == "*" else value / rhs
+            value = self.binary(op, value, self.unary(depth))
         return value
 
-    def factor(self, depth: int) -> Fraction:
+    def unary(self, depth: int):
+        negate = False
+        while self.peek() in ("+", "-"):  # a loop, not recursion: '- - - 3' costs no stack
+            negate ^= self.take() == "-"
+        value = self.power(depth)
+        return -value if negate else value
+
+    def power(self, depth: int):
+        base = self.atom(depth)
+        if self.peek() != "**":
+            return base
+        self.take()
+        if depth >= MAX_PAREN_DEPTH:
+            raise EquationError(f"nested deeper than {MAX_PAREN_DEPTH}")
+        return _checked(_power(base, self.unary(depth + 1)))  # right-associative: 2**3**2 = 2**9
+
+    def atom(self, depth: int):
         tok = self.take()
-        if isinstance(tok, int):
-            self.numbers.append(tok)
-            return Fraction(tok)
+        if isinstance(tok, Fraction):
+            return tok
         if tok == "(":
             if depth >= MAX_PAREN_DEPTH:
                 raise EquationError(f"parentheses nested deeper than {MAX_PAREN_DEPTH}")
@@ -152,23 +244,36 @@ class _Parser:
 
 
 def parse_equation(equation: str) -> tuple:
-    """Parse and evaluate exactly. Returns (value: Fraction, numbers used in order); raises EquationError."""
-    parser = _Parser(_tokenize(equation))
-    value = parser.expr(0)
+    """Parse and evaluate with Python's precedence. Returns (value, the literals' digit runs as
+    ints, in order); value is a Fraction, or a float / complex after a non-integer power.
+    Raises EquationError for anything TinyZero's eval would reject or we bound."""
+    tokens, runs = _tokenize(equation)
+    parser = _Parser(tokens)
+    try:
+        value = parser.expr(0)
+    except (ArithmeticError, TypeError) as e:  # float overflow, complex // ..., as eval would raise
+        raise EquationError(f"cannot evaluate: {e}") from None
     if parser.pos != len(parser.tokens):
         raise EquationError(f"unexpected {parser.peek()!r} after a complete expression")
-    return value, parser.numbers
+    return value, runs
 
 
 def extract_answer(response: str) -> Optional[str]:
-    """Contents of the last complete <answer>...</answer> block (linear time, any response size)."""
-    end = response.rfind("</answer>")
-    start = response.rfind("<answer>", 0, end) if end >= 0 else -1
-    return None if start < 0 else response[start + len("<answer>"):end]
+    """TinyZero's extraction: on the response's last line (after the last '\n'), the last of the
+    <answer>...</answer> blocks found left to right, stripped; None if there is none. Linear time."""
+    line = response[response.rfind("\n") + 1:]
+    found, pos = None, 0
+    while (start := line.find("<answer>", pos)) >= 0:
+        end = line.find("</answer>", start + len("<answer>"))
+        if end < 0:
+            break
+        found, pos = line[start + len("<answer>"):end], end + len("</answer>")
+    return None if found is None else found.strip()
 
 
 def countdown_reward(response: str, numbers: list, target: int) -> float:
-    """TinyZero reward: 0 without an answer, 0.1 if malformed / wrong numbers / wrong value, else 1."""
+    """TinyZero's Countdown reward (module docstring): 0 without an <answer> block on the last line;
+    1.0 if the answer uses each number exactly once and is within 1e-5 of target; else 0.1."""
     answer = extract_answer(response)
     if answer is None:
         return 0.0
@@ -176,7 +281,7 @@ def countdown_reward(response: str, numbers: list, target: int) -> float:
         value, used = parse_equation(answer)
     except EquationError:
         return COUNTDOWN_FORMAT_REWARD
-    if Counter(used) != Counter(numbers) or value != target:
+    if sorted(used) != sorted(numbers) or not abs(value - target) < COUNTDOWN_TOLERANCE:
         return COUNTDOWN_FORMAT_REWARD
     return 1.0
 
