@@ -250,7 +250,10 @@ def load_task(run: RunConfig):
         return make_task("countdown", seed=run.seed, num_numbers=run.num_numbers, max_number=run.max_number,
                          max_target=run.max_target, prompt_style=run.prompt_style, n_train=run.n_train,
                          n_test=run.n_test)
-    if run.task in ("gsm8k", "math") and run.data is None:
+    if run.task == "math" and run.data is None:  # tasks.make_task would train on MATH-500's test split
+        raise UsageError("--task math needs --data with a training set (e.g. DAPO-Math-17K as JSONL): "
+                         "MATH-500 is an evaluation set (use it with `train.py analyze`)")
+    if run.task == "gsm8k" and run.data is None:
         try:
             import datasets  # noqa: F401  (only to say whether the hub path is possible)
         except ImportError:
