@@ -1,8 +1,10 @@
 import json
 import random
+import re
 import sys
 import time
 import warnings
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -28,14 +30,27 @@ def answer(eq):
     ("7 / 2", Fraction(7, 2), [7, 2]),
     (" ( ( 4 ) ) ", 4, [4]),
     ("0", 0, [0]),
+    ("00", 0, [0]),                              # Python: zeros only are a valid literal
+    ("-1+2", 1, [1, 2]),                         # unary minus, as Python's eval (TinyZero) allows
+    ("--3", 3, [3]),
+    ("1++2", 3, [1, 2]),
+    ("-2**2", -4, [2, 2]),                       # ** binds tighter than a unary minus on its left
+    ("2**-1", Fraction(1, 2), [2, 1]),
+    ("2**3**2", 512, [2, 3, 2]),                 # right-associative
+    ("7//2", 3, [7, 2]),                         # floor division
+    ("1.5*2", 3, [1, 5, 2]),                     # a decimal: both digit runs count as numbers
+    ("007.5", Fraction(15, 2), [7, 5]),          # leading zeros are fine in a Python float
+    (".5+1.", Fraction(3, 2), [5, 1]),
+    ("(1+\r2)", 3, [1, 2]),                      # Python joins lines inside parentheses
 ])
 def test_parse_known_values(eq, value, used):
     assert parse_equation(eq) == (value, used)
 
 
-@pytest.mark.parametrize("eq", ["", "1+", "(1+2", "1+2)", "1 2", "-1+2", "1++2", "2*/3", "()", "05+1",
-                                "1.5*2", "2**3", "1/0", "4/(2-2)", "1=1", "x+1", "١٢", "１２",
-                                "1234567890+1"])
+@pytest.mark.parametrize("eq", ["", "1+", "(1+2", "1+2)", "1 2", "2*/3", "()", "05+1", "07", "1/0",
+                                "4/(2-2)", "1=1", "x+1", "١٢", "１２", "1234567890+1", "1 .5", "1.5.5", "...",
+                                "(1)(2)", "2***3", "2///3", "2* *3", "1+\r2", "1\u00a0+2", "1\x0b+2", "0**-1",
+                                "99**99**99", "0.5**99999", "-", "+"])
 def test_parse_rejects(eq):
     with pytest.raises(EquationError):
         parse_equation(eq)
@@ -64,6 +79,121 @@ def test_countdown_reward_table(response, expected):
     assert countdown_reward(response, [12, 5, 3], 51) == expected
 
 
+# The issue's table (numbers [1, 2, 3, 4], target 5): before, the last block anywhere counted and
+# a unary minus was refused, giving 1.0, 1.0, 1.0 and 0.1.
+@pytest.mark.parametrize("response, expected", [
+    ("...</think>\n<answer>(1+2)*3-4</answer>\nUser: Make an equation equal to 7", 0.0),
+    ("...</think>\n<answer>\n(1+2)*3-4\n</answer>", 0.0),
+    ("...<answer>(1+2)*3-4</answer>\nWait, let me re-check: 1+2", 0.0),
+    ("...<answer>-4+3*(1+2)</answer>", 1.0),
+])
+def test_issue_table_tinyzero_last_line(response, expected):
+    assert countdown_reward(response, [1, 2, 3, 4], 5) == expected
+
+
+@pytest.mark.parametrize("eq, numbers, target, expected", [
+    ("03+2", [3, 2], 5, 0.1),              # Python 3: a leading zero is a syntax error
+    ("00+5", [0, 5], 5, 1.0),
+    ("2**3-3", [2, 3, 3], 5, 1.0),         # eval's power
+    ("11//2", [11, 2], 5, 1.0),            # eval's floor division
+    ("2.5*2", [2, 5, 2], 5, 1.0),          # digit runs 2, 5, 2
+    ("2.5*2", [2.5, 2], 5, 0.1),
+    ("25**(1/2)", [25, 1, 2], 5, 1.0),     # a float power, as eval computes it
+    ("5 = 5", [5, 5], 5, 0.1),
+    ("5+1/100001", [5, 1, 100001], 5, 1.0),  # within 1e-5
+    ("5+1/99999", [5, 1, 99999], 5, 0.1),
+])
+def test_python_syntax_as_tinyzero_scores_it(eq, numbers, target, expected):
+    assert countdown_reward(answer(eq), numbers, target) == expected
+
+
+def tinyzero_reference(response, numbers, target):
+    """TinyZero's rule written out with re + eval, for strings this test generates itself."""
+    blocks = re.findall(r"<answer>(.*?)</answer>", response.split("\n")[-1])
+    if not blocks:
+        return 0.0
+    eq = blocks[-1].strip()
+    if sorted(int(d) for d in re.findall(r"\d+", eq)) != sorted(numbers):
+        return 0.1
+    if not re.match(r"^[\d+\-*/().\s]+$", eq):
+        return 0.1
+    try:
+        value = eval(eq, {"__builtins__": None}, {})  # noqa: S307 (test-generated, regex-filtered)
+        return 1.0 if abs(value - target) < 1e-5 else 0.1
+    except Exception:
+        return 0.1
+
+
+def random_equation(rng, numbers):
+    """A random expression over numbers (each once), with Python quirks mixed in."""
+    parts = [str(n) for n in numbers]
+    while len(parts) > 1:
+        a = parts.pop(rng.randrange(len(parts)))
+        b = parts.pop(rng.randrange(len(parts)))
+        op = rng.choice(["+", "-", "*", "/", "+", "-", "*", "//"])
+        sep = rng.choice(["", "", " "])
+        parts.append(f"({a}{sep}{op}{sep}{b})" if rng.random() < 0.6 else f"{a}{sep}{op}{sep}{b}")
+    eq = parts[0]
+    if rng.random() < 0.2:
+        eq = rng.choice(["-", "- ", "--", "+"]) + eq
+    return eq
+
+
+def random_response(rng):
+    numbers = [rng.randint(1, 20) for _ in range(rng.choice([3, 4]))]
+    eq = random_equation(rng, numbers)
+    quirk = rng.random()
+    if quirk < 0.08:                         # a power with a small exponent
+        numbers.append(2)
+        eq = f"({eq})**2"
+    elif quirk < 0.14:                       # a near-target term: t + 1/k, k on both sides of 1e5
+        k = rng.choice([50_000, 99_999, 100_001, 200_000, 1_000_000])
+        numbers += [1, k]
+        eq = f"{eq}+1/{k}"
+    elif quirk < 0.18:                       # a leading zero or a decimal point
+        eq = rng.choice([f"0{eq}", f"{eq}.0", f"{eq}*1.5"])
+    elif quirk < 0.22:
+        eq = f"{eq} = {rng.randint(1, 50)}"
+    try:  # aim the target at the value, so that near-misses and hits are common
+        value = eval(eq, {"__builtins__": None}, {}) if re.match(r"^[\d+\-*/().\s]+$", eq) else None  # noqa: S307
+        target = round(value)
+    except Exception:  # syntax error, division by zero, no value
+        target = rng.randint(1, 50)
+    given = list(numbers)
+    if rng.random() < 0.15:                  # wrong numbers: one changed, dropped or doubled
+        i = rng.randrange(len(given))
+        given[i:i + 1] = rng.choice([[given[i] + 1], [], [given[i], given[i]]])
+    other = random_equation(rng, numbers)
+    layout = rng.randrange(11)
+    think = f"Let me try {other}, which gives something else.</think>"
+    text = [
+        f"{think} <answer>{eq}</answer>",                                          # plain
+        f"{think}\n<answer>{eq}</answer>\nUser: Make an equation equal to {target}",  # answer, then more
+        f"{think}\n<answer>\n{eq}\n</answer>",                                    # multi-line block
+        f"{think} <answer>{other}</answer> <answer>{eq}</answer>",                  # several on the last line
+        f"{think} <answer>{eq}</answer> <answer>{other}</answer>",
+        f"{think} <answer>{eq}</answer> so the answer is {target}.",               # trailing text
+        f"{think} the answer is {eq}",                                              # no block
+        f"<answer>{eq}</answer>\nWait, let me re-check: {other}",                  # truncated re-check
+        f"{think} <answer> {eq} </answer>\r",                                      # CRLF line ends
+        f"{think} <answer>x<answer>{eq}</answer>",                                  # nested-looking
+        f"{think}\n<answer>{eq}</answer>\n",                                        # trailing newline
+    ][layout]
+    return text, given, target
+
+
+@pytest.mark.filterwarnings("ignore::SyntaxWarning")  # eval of "0(...)" in the reference
+def test_matches_tinyzero_on_generated_responses():
+    rng = random.Random(11)
+    cases = [random_response(rng) for _ in range(600)]
+    outcomes = Counter()
+    for response, numbers, target in cases:
+        expected = tinyzero_reference(response, numbers, target)
+        assert countdown_reward(response, numbers, target) == expected, (response, numbers, target)
+        outcomes[expected] += 1
+    assert min(outcomes[0.0], outcomes[0.1], outcomes[1.0]) >= 50, outcomes
+
+
 def test_reward_with_repeated_given_numbers():
     assert countdown_reward(answer("8/(3-8/3)"), [3, 3, 8, 8], 24) == 1.0
     assert countdown_reward(answer("8*3"), [3, 3, 8, 8], 24) == 0.1
@@ -80,7 +210,8 @@ UNTRUSTED = {
     "fullwidth digits": "(１２+5)*3",
     "leading zeros": "(012+5)*3",
     "unknown numbers": "(12+6)*3-3",
-    "decimal": "(12.0+5)*3",
+    "decimal": "(12.0+5)*3",                  # digit runs 12, 0, 5, 3: a 0 too many
+    "huge exponent": "(12+5)*3+0*999999999**999999999",
     "lambda": "(lambda: 51)()",
 }
 
@@ -125,6 +256,7 @@ def test_worked_solution_format():
     text = countdown_worked_solution([12, 5, 3], 51)
     assert text.endswith("</answer>") and "</think> <answer>" in text and not text.startswith("<think>")
     assert "12+5=17" in text
+    assert "\n" not in text and countdown_reward(text, [12, 5, 3], 51) == 1.0  # the answer is on the last line
     assert countdown_worked_solution([12, 5, 3], 51, prompt_style="compact").startswith("<think>")
     with pytest.raises(ValueError, match="no solution"):
         countdown_worked_solution([1, 1, 1, 1], 97)
@@ -333,3 +465,11 @@ def test_math_verify_when_installed():
     assert tasks.math_reward("\\boxed{\\frac{1}{2}}", "0.5") == 1.0
     assert tasks.math_reward("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}") == 1.0
     assert tasks.math_reward("\\boxed{3}", "\\frac{1}{2}") == 0.0
+
+
+def test_train_refuses_math_500_as_training_set(monkeypatch):
+    train = pytest.importorskip("train")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # the refusal must not depend on the hub
+    with pytest.raises(train.UsageError, match="MATH-500 is an evaluation set") as error:
+        train.load_task(train.RunConfig(task="math"))
+    assert "--data" in str(error.value) and "\n" not in str(error.value)
