@@ -5,7 +5,7 @@
   generated here, seeded and solvable, with a fixed count of numbers (4 by default); TinyZero trains
   on the Countdown-Tasks-3to4 data set, which mixes 3- and 4-number problems. The 'tinyzero' prompt
   has TinyZero's structure (User/Assistant framing, <think>/<answer> tags, ending in
-  'Assistant: Let me solve this step by step.\n<think>') in our own wording.
+  'Assistant: Let me solve this step by step.\\n<think>') in our own wording.
 - gsm8k: grade-school word problems, JSONL with `question` and `answer` ending in `#### <number>`.
 - math: MATH500-style `\\boxed{}` answers, checked with `math-verify` when it is installed.
 
@@ -13,7 +13,7 @@ Model output is untrusted: nothing here calls eval/exec. A Countdown answer goes
 whitelisted recursive-descent parser with bounded length, digits, nesting depth and value size.
 
 Countdown scoring is TinyZero's (verl/utils/reward_score/countdown.py in Jiayi-Pan/TinyZero):
-only the text after the last '\n' of the response counts; on it, the last <answer>...</answer>
+only the text after the last '\\n' of the response counts; on it, the last <answer>...</answer>
 (scanned left to right, non-overlapping, as re.finditer does) is the answer, stripped of
 whitespace; no such block scores 0. The answer scores 1.0 if it is an arithmetic expression in
 Python's syntax over digits, + - * / ( ) . and whitespace, whose digit runs are exactly the given
@@ -25,14 +25,14 @@ unary + and - ('-4+3*(1+2)', '--3'), '**' (power) and '//' (floor division) are 
 decimal literal counts each digit run ('1.5' uses the numbers 1 and 5, '00.5' uses 0 and 5);
 an integer with a leading zero ('03') is a Python syntax error and so scores 0.1, while '0' and
 '00' are zero; '=' or any letter scores 0.1; between tokens only space, tab and form feed are
-whitespace, and '\r' only inside parentheses (other Unicode spaces are Python syntax errors).
+whitespace, and '\\r' only inside parentheses (other Unicode spaces are Python syntax errors).
 Project defaults where we depart from TinyZero's eval (all score 0.1 here): answers longer than
 MAX_ANSWER_CHARS, nesting (parentheses and right-nested '**') deeper than MAX_PAREN_DEPTH, a
 literal with more than MAX_NUMBER_DIGITS significant digits, an exact value with more than
 MAX_VALUE_BITS bits (TinyZero would compute 99**99**99 for ever). Values are exact fractions
 (a power with a non-integer exponent, e.g. 4**(1/2), is a float as in Python) where TinyZero
 rounds through floats after the first '/'; the two differ only when float rounding moves a value
-across the edge of the 1e-5 band, which no 3- or 4-number answer within these bounds does.
+across the edge of the 1e-5 band (an exact distance of 1e-5, or intermediates beyond 2**53).
 """
 import json
 import operator
@@ -259,7 +259,7 @@ def parse_equation(equation: str) -> tuple:
 
 
 def extract_answer(response: str) -> Optional[str]:
-    """TinyZero's extraction: on the response's last line (after the last '\n'), the last of the
+    """TinyZero's extraction: on the response's last line (after the last newline), the last of the
     <answer>...</answer> blocks found left to right, stripped; None if there is none. Linear time."""
     line = response[response.rfind("\n") + 1:]
     found, pos = None, 0
