@@ -55,7 +55,7 @@ from model import Transformer
 from rl import build_batch
 from tasks import make_task, read_jsonl
 from tokenizer import Tokenizer
-from train import Parser, UsageError, checkpoint_dir, ensure_writable, parse_layers, pick_device
+from cli import Parser, UsageError, checkpoint_dir, ensure_writable, parse_layers, pick_device
 
 # -----------------------------------------------------------------------------
 # Project defaults

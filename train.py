@@ -40,18 +40,19 @@ from attention_metrics import aggregated_maps, credit_gamma, plot_rhythm, render
 from distributed import (MODES, broadcast_parameters, full_state_dict, gathered, is_main, launched_rank,
                          launched_world_size, parallel_mode, setup, teardown)
 from model import Qwen3Config, Transformer, atomic_directory, save_state_dict
-from rl import GRPO, RLConfig, build_batch, check_world_size
+from rl import GRPO, RLConfig, _choice, _int_at_least, _number, _require, build_batch, check_world_size
 from sft import warmup
 from tasks import make_task
 from tokenizer import Tokenizer
-
-
-class UsageError(ValueError):
-    """A bad flag or input: reported as one line, exit code 2."""
+from cli import (Parser, UsageError, check_layers, check_writable, checkpoint_dir, ensure_writable, flag_error,  # noqa: F401
+                 model_depth, parse_layers, pick_device)
 
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass for the run, rl.RLConfig for the GRPO knobs.
+
+
+TASKS = ("countdown", "gsm8k", "math")
 
 
 @dataclass
@@ -86,6 +87,21 @@ class RunConfig:
     sft_batch: int = 64
     sft_lr: float = 3e-3
 
+    def __post_init__(self):
+        """The run's knobs, checked like RLConfig's (rl.ConfigError names the field)."""
+        _choice("task", self.task, TASKS)
+        _choice("num_numbers", self.num_numbers, (3, 4))
+        for name in ("steps", "eval_every", "eval_size", "checkpoint_every", "n_train", "n_test", "max_number",
+                     "max_target", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "intermediate",
+                     "context", "sft_batch"):
+            _int_at_least(name, getattr(self, name), 1)
+        for name in ("rhythm_examples", "sft_steps"):
+            _int_at_least(name, getattr(self, name), 0)
+        _number("sft_lr", self.sft_lr, low=0, low_open=True)
+        _require(self.n_head % self.n_kv_head == 0, "n_head", self.n_head,
+                 f"must be a multiple of n_kv_head ({self.n_kv_head})")
+        _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even (rotary embeddings)")
+
 
 # The CPU demo (RunConfig's defaults): a 1M-parameter model, 300 warm-up steps, 300 GRPO steps of 16 prompts x 8,
 # evaluated greedily on all 512 held-out problems.
@@ -112,15 +128,7 @@ RL_FLAGS = dict(credit="strategy", bottom="bottom", q="q", gamma_amp="gamma_amp"
                 micro_batch="micro_batch_size", ppo_epochs="ppo_epochs", lr="lr", max_new_tokens="max_new_tokens",
                 temperature="temperature", clip_eps="clip_eps", kl_coef="kl_coef", norm="norm",
                 lr_warmup_steps="lr_warmup_steps", min_lr_ratio="min_lr_ratio")
-
-
-def parse_layers(text):
-    if text in ("middle", "all", "top", "bottom"):
-        return text
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes middle|all|top|bottom or a list like 9,11,13; got {text!r}")
+FIELD_FLAGS = {field: flag for flag, field in RL_FLAGS.items()}  # a config error names the flag
 
 
 def add_run_flags(p):
@@ -128,7 +136,7 @@ def add_run_flags(p):
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--init", help="Qwen3 checkpoint directory (or hub id with huggingface_hub installed)")
-    p.add_argument("--task", choices=["countdown", "gsm8k", "math"])
+    p.add_argument("--task", choices=TASKS)
     p.add_argument("--data", help="JSONL file (or folder with train.jsonl/test.jsonl) for gsm8k / math")
     p.add_argument("--num-numbers", dest="num_numbers", type=int, choices=[3, 4])
     p.add_argument("--steps", type=int, help="GRPO steps")
@@ -167,11 +175,6 @@ def add_rl_flags(p, credit_type=str):
     p.add_argument("--norm", choices=["sequence", "token"])
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def resolve(args) -> tuple[RunConfig, RLConfig]:
     """Preset (demo, smoke or paper) + the flags given = the full config of the run."""
     preset = PAPER if args.init else DEMO
@@ -188,16 +191,27 @@ def resolve(args) -> tuple[RunConfig, RLConfig]:
     run_values.update({k: v for k, v in given.items() if k in run_names})
     if run_values.get("task", "countdown") != "countdown" and args.init is None:
         raise UsageError("--task gsm8k/math needs --init <Qwen3 checkpoint>: the tiny demo model is for countdown")
-    run = RunConfig(**run_values)
-    rl_values["seed"] = run.seed
     try:
-        rl = RLConfig(**rl_values)
+        run = RunConfig(**run_values)
+        rl = RLConfig(**rl_values, seed=run.seed)
+    except ValueError as e:
+        raise flag_error(e, FIELD_FLAGS) from None
+    return run, rl
+
+
+def preflight(run: RunConfig, rl: RLConfig):
+    """The checks that need more than the flags (the device, the checkpoint's depth for --layers,
+    the data file, the output folder), all before any model is built or --out is touched."""
+    pick_device(run.device)
+    try:
+        check_world_size(rl, launched_world_size())
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for name in ("steps", "eval_every", "eval_size", "checkpoint_every"):
-        if getattr(run, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(run, name)}")
-    return run, rl
+    depth = model_depth(checkpoint_dir(run.init)) if run.init else run.n_layer
+    check_layers(rl.credit_layers, depth)
+    if run.data is not None and not Path(run.data).exists():
+        raise UsageError(f"--data {run.data}: no such file or folder")
+    check_writable(Path(run.out))
 
 
 def config_json(run: RunConfig, rl: RLConfig) -> dict:
@@ -217,32 +231,11 @@ def config_from_json(d: dict) -> tuple[RunConfig, RLConfig]:
 # Building blocks of a run
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
-
-
 def precision(device: torch.device):
     """bf16 autocast on GPU (fp32 master weights, so lr 1e-6 updates are not rounded away); fp32 on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def checkpoint_dir(init: str) -> Path:
-    """A local directory, or a hub id downloaded with huggingface_hub when that package is installed."""
-    path = Path(init)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise UsageError(f"--init {init}: no such directory (install huggingface_hub to download hub ids)") from None
-    patterns = ["*.json", "*.safetensors", "vocab.json", "merges.txt"]
-    return Path(snapshot_download(init, allow_patterns=patterns))
 
 
 def load_task(run: RunConfig):
@@ -381,17 +374,6 @@ def draw_rhythm(model, tokenizer, trainer: GRPO, examples, out: Path, rl: RLConf
 
 # -----------------------------------------------------------------------------
 # One training run
-
-
-def ensure_writable(out: Path):
-    """Create --out and prove it takes a file, so a bad folder fails before any work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 
 def prepare_out(out: Path, resume: bool):
@@ -603,9 +585,16 @@ def main(argv=None):
         args.credit = credits[0]
         run, rl = resolve(args)
         for credit in credits:
-            replace(rl, strategy=credit)  # validates each name before any run starts
+            try:
+                replace(rl, strategy=credit)  # validates each name before any run starts
+            except ValueError as e:
+                raise flag_error(e, FIELD_FLAGS) from None
+        if args.seeds < 1:
+            raise UsageError(f"--seeds {args.seeds}: seeds must be >= 1")
+        preflight(run, rl)
         return compare(run, rl, credits, args.seeds, parallel)
     run, rl = resolve(args)
+    preflight(run, rl)
     return train(run, rl, parallel=parallel)
 
 

@@ -109,8 +109,12 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("case", ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch",
-                                  "group-size-1", "unwritable-out", "unknown-credit"])
+BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "group-size-1", "unwritable-out",
+       "unknown-credit", "bad-q", "bad-lr", "bad-gamma", "bad-alpha", "bad-k", "bad-window", "bad-h-hi",
+       "bad-temperature", "bad-clip", "bad-kl", "bad-steps", "layers-beyond-depth", "init-nonexistent"]
+
+
+@pytest.mark.parametrize("case", BAD)
 def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     bad_jsonl = tmp_path / "bad.jsonl"
@@ -125,11 +129,26 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "micro-gt-batch": (["--smoke", "--rollout-batch", "16", "--micro-batch", "32"], "micro_batch_size"),
         "group-size-1": (["--smoke", "--group-size", "1"], "group_size must be >= 2"),
         "unwritable-out": (["--smoke", "--sft-steps", "1", "--out", blocker / "out"], "cannot write"),
-        "unknown-credit": (["--smoke", "--credit", "loud"], "unknown strategy 'loud'"),
+        "unknown-credit": (["--smoke", "--credit", "loud"], "--credit loud: strategy must be one of"),
+        "bad-q": (["--smoke", "--q", "2"], "--q 2: q must be in (0, 1]"),
+        "bad-lr": (["--smoke", "--lr", "-1"], "--lr -1: lr must be > 0"),
+        "bad-gamma": (["--smoke", "--gamma-amp", "-1"], "--gamma-amp -1: gamma_amp must be > 0"),
+        "bad-alpha": (["--smoke", "--alpha", "1.5"], "--alpha 1.5: alpha must be in [0, 1]"),
+        "bad-k": (["--smoke", "--k", "0"], "--k 0: k must be >= 1"),
+        "bad-window": (["--smoke", "--window", "0"], "--window 0: window must be >= 1"),
+        "bad-h-hi": (["--smoke", "--h-hi", "3"], "--h-hi 3: h_hi must be >= 10"),
+        "bad-temperature": (["--smoke", "--temperature", "0"], "--temperature 0: temperature must be > 0"),
+        "bad-clip": (["--smoke", "--clip-eps", "0"], "--clip-eps 0: clip_eps must be in (0, 1)"),
+        "bad-kl": (["--smoke", "--kl-coef", "-1"], "--kl-coef -1: kl_coef must be >= 0"),
+        "bad-steps": (["--smoke", "--steps", "0"], "--steps 0: steps must be >= 1"),
+        "layers-beyond-depth": (["--smoke", "--layers", "0,7"], "the model has 2 layers"),
+        "init-nonexistent": (["--init", "/nonexistent"], "no such directory /nonexistent (and it is not a hub id)"),
     }[case]
     if case != "unwritable-out":
         args = [*args, "--out", out]
+    t0 = time.time()
     proc = run_train(*args, check=False)
+    assert time.time() - t0 < 10, "the failure came after work began"
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
