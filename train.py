@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from attention_metrics import aggregated_maps, credit_gamma, plot_rhythm, render_html, rhythm_signals
+from attention_metrics import aggregated_maps, credit_gamma, default_layers, plot_rhythm, render_html, rhythm_signals
 from distributed import (MODES, broadcast_parameters, full_state_dict, gathered, is_main, launched_rank,
                          launched_world_size, parallel_mode, setup, teardown)
 from model import Qwen3Config, Transformer, atomic_directory, save_state_dict
@@ -357,12 +357,15 @@ def draw_rhythm(model, tokenizer, trainer: GRPO, examples, out: Path, rl: RLConf
         batch = build_batch([prompt], [response], trainer.pad_id)
         batch = {key: value.to(model.device) for key, value in batch.items()}
         start = int(batch["starts"][0])
-        layers = rl.credit_layers if not isinstance(rl.credit_layers, str) else None
+        # the run's own layers (a band name resolved against this model's depth) and strategy
+        layers = (default_layers(model.config.num_hidden_layers, rl.credit_layers)
+                  if isinstance(rl.credit_layers, str) else list(rl.credit_layers))
         signals = rhythm_signals(model, batch["input_ids"], batch["starts"], batch["attention_mask"], layers=layers,
-                                 window=rl.window, h_lo=rl.h_lo, h_hi=h_hi if h_hi is not None else rl.h_hi,
-                                 receivers=True)[0]
-        gamma = credit_gamma("coupled", waad=signals["waad"], fai=signals["fai"], q=rl.q, gamma_amp=rl.gamma_amp,
-                             k=rl.k, alpha=rl.alpha)
+                                 heads=rl.credit_heads, window=rl.window, h_lo=rl.h_lo,
+                                 h_hi=h_hi if h_hi is not None else rl.h_hi, receivers=True)[0]
+        gamma = credit_gamma(rl.strategy, waad=signals["waad"], fai=signals["fai"], entropy=signals["entropy"],
+                             q=rl.q, gamma_amp=rl.gamma_amp, k=rl.k, alpha=rl.alpha, bottom=rl.bottom,
+                             generator=torch.Generator().manual_seed(rl.seed + i)).cpu()
         maps = aggregated_maps(model, batch["input_ids"], start, layers=layers)
         tokens = token_strings(tokenizer, response)
         title = f"{examples[i].prompt.strip()[-60:]!r}"

@@ -153,3 +153,35 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("strategy, layers", [("none", "top"), ("global", (0,)), ("coupled", "middle")])
+def test_draw_rhythm_draws_the_runs_layers_and_strategy(strategy, layers, tmp_path, monkeypatch):
+    import attention_metrics as am
+    import train
+    from rl import GRPO, RLConfig
+    from tasks import make_task
+
+    tokenizer = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    model = Transformer(Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=256)).eval()
+    task = make_task("countdown", seed=0, num_numbers=3, n_train=4, n_test=2, prompt_style="compact")
+    rl = RLConfig(strategy=strategy, credit_layers=layers, max_new_tokens=12, h_lo=2, h_hi=6)
+    trainer = GRPO(model, tokenizer, task, rl)
+    seen = []
+    monkeypatch.setattr(train, "plot_rhythm", lambda *a, **k: None)
+    monkeypatch.setattr(train, "render_html", lambda path, tokens, signals, gamma=None, **k:
+                        seen.append((signals["layers"], gamma, signals)))
+    train.draw_rhythm(model, tokenizer, trainer, task.test[:1], tmp_path, rl)
+    assert seen, "no response long enough to draw"
+    drawn_layers, gamma, signals = seen[0]
+    expected_layers = am.default_layers(6, layers) if isinstance(layers, str) else list(layers)
+    assert drawn_layers == expected_layers
+    if strategy == "none":
+        assert torch.equal(gamma, torch.ones_like(gamma))
+    else:
+        reference = am.credit_gamma(strategy, waad=signals["waad"], fai=signals["fai"], q=rl.q, k=rl.k,
+                                    alpha=rl.alpha, gamma_amp=rl.gamma_amp)
+        assert torch.equal(gamma, reference.cpu())
