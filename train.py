@@ -74,6 +74,8 @@ class RunConfig:
     eval_size: int = 512             # held-out problems per evaluation
     checkpoint_every: int = 20
     rhythm_examples: int = 3         # held-out responses drawn as rhythm PNG + HTML
+    wandb: str | None = None         # Weights & Biases project (WANDB_MODE=offline works without network)
+    tensorboard: bool = False        # torch's SummaryWriter, event files under --out/tensorboard
     # model from scratch (ignored with --init)
     n_layer: int = 4
     n_embd: int = 128
@@ -145,6 +147,9 @@ def add_run_flags(p):
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--sft-steps", dest="sft_steps", type=int, help="warm-up steps (model from scratch only)")
     p.add_argument("--smoke", action="store_true", help="shrunken default run (under a minute)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log every metrics.jsonl record to Weights & Biases")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log every metrics.jsonl record to TensorBoard (under --out/tensorboard)")
 
 
 def add_rl_flags(p, credit_type=str):
@@ -212,6 +217,50 @@ def preflight(run: RunConfig, rl: RLConfig):
     if run.data is not None and not Path(run.data).exists():
         raise UsageError(f"--data {run.data}: no such file or folder")
     check_writable(Path(run.out))
+    check_loggers(run)
+
+
+def check_loggers(run: RunConfig):
+    """--wandb / --tensorboard are optional: a missing package is one line before any work."""
+    import importlib.util
+
+    if run.wandb and importlib.util.find_spec("wandb") is None:
+        raise UsageError(f"--wandb {run.wandb}: the wandb package is not installed (pip install wandb)")
+    if run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+
+
+class MetricsLog:
+    """metrics.jsonl, plus the same records to Weights & Biases and TensorBoard when asked for.
+
+    Each record's numbers go to those tools as "<kind>/<name>" at its step (kind: train or eval).
+    """
+
+    def __init__(self, path: Path, run: RunConfig, config: dict):
+        self.path, self.wandb, self.writer = path, None, None
+        if run.wandb:
+            import wandb
+            self.wandb = wandb.init(project=run.wandb, config=config, dir=run.out, resume="allow")
+        if run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(Path(run.out) / "tensorboard"))
+
+    def __call__(self, record: dict):
+        append_jsonl(self.path, record)
+        scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
+                   if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = int(record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def config_json(run: RunConfig, rl: RLConfig) -> dict:
@@ -422,6 +471,7 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
     if main_rank:
         prepare_out(out, resume)
         (out / "run_config.json").write_text(json.dumps(config_json(run, rl), indent=2))
+        log = MetricsLog(metrics_file, run, config_json(run, rl))
     if not resume and run.init is None:
         # weights made in this run: rank 0 makes them (warm-up or the compare warm-start), the others copy
         if main_rank and warm_start is not None and (warm_start / "config.json").exists():
@@ -446,7 +496,7 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
             before = trainer.evaluate(eval_examples)
         progress.update(step=0, accuracy_before_rl=before["accuracy"], best_accuracy=before["accuracy"])
         if main_rank:
-            append_jsonl(metrics_file, {"kind": "eval", "step": 0, **before})
+            log({"kind": "eval", "step": 0, **before})
         if not quiet:
             print(f"held-out accuracy before RL: {before['accuracy']:.3f} ({len(eval_examples)} problems)")
         save_checkpoint(out, model, tokenizer, trainer, progress)
@@ -459,14 +509,14 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
         with precision(device):
             metrics = trainer.step(batch)
         if main_rank:
-            append_jsonl(metrics_file, {"kind": "train", **metrics, "lr": lr, "step": step + 1})
+            log({"kind": "train", **metrics, "lr": lr, "step": step + 1})
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}")
         progress["step"] = step + 1
         if (step + 1) % run.eval_every == 0 or step + 1 == run.steps:
             with precision(device):
                 result = trainer.evaluate(eval_examples)
             if main_rank:
-                append_jsonl(metrics_file, {"kind": "eval", "step": step + 1, **result})
+                log({"kind": "eval", "step": step + 1, **result})
             progress["best_accuracy"] = max(progress["best_accuracy"], result["accuracy"])
             progress["accuracy_after_rl"] = result["accuracy"]
         if (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
@@ -484,6 +534,7 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
                "seed": run.seed, "wall_seconds": round(time.time() - t_start, 1)}
     if main_rank:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.close()
     if not quiet:
         print(f"held-out accuracy: {summary['accuracy_before_rl']:.3f} after warm-up -> "
               f"{summary['accuracy_after_rl']:.3f} after {run.steps} GRPO steps "

@@ -185,3 +185,55 @@ def test_draw_rhythm_draws_the_runs_layers_and_strategy(strategy, layers, tmp_pa
         reference = am.credit_gamma(strategy, waad=signals["waad"], fai=signals["fai"], q=rl.q, k=rl.k,
                                     alpha=rl.alpha, gamma_amp=rl.gamma_amp)
         assert torch.equal(gamma, reference.cpu())
+
+
+def test_metrics_log_sends_the_jsonl_records_to_wandb_and_tensorboard(tmp_path, monkeypatch):
+    import types
+
+    import train
+
+    calls = []
+    fake_wandb = types.ModuleType("wandb")
+    run_handle = types.SimpleNamespace(log=lambda data, step: calls.append(("wandb", data, step)),
+                                       finish=lambda: calls.append(("wandb-finish",)))
+    fake_wandb.init = lambda **kw: calls.append(("wandb-init", kw["project"])) or run_handle
+    fake_tb = types.ModuleType("torch.utils.tensorboard")
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("tb-init", log_dir))
+
+        def add_scalar(self, name, value, step):
+            calls.append(("tb", name, value, step))
+
+        def close(self):
+            calls.append(("tb-close",))
+
+    fake_tb.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
+    run = train.RunConfig(out=str(tmp_path), wandb="proj", tensorboard=True)
+    log = train.MetricsLog(tmp_path / "metrics.jsonl", run, {"run": {}})
+    records = [{"kind": "eval", "step": 0, "accuracy": 0.25}, {"kind": "train", "step": 1, "loss": 0.5, "lr": 1e-6}]
+    for record in records:
+        log(record)
+    log.close()
+    assert read_records(tmp_path / "metrics.jsonl") == records
+    assert ("wandb-init", "proj") in calls and ("tb-init", str(tmp_path / "tensorboard")) in calls
+    assert ("wandb", {"eval/accuracy": 0.25}, 0) in calls
+    assert ("wandb", {"train/loss": 0.5, "train/lr": 1e-6}, 1) in calls
+    assert ("tb", "train/loss", 0.5, 1) in calls and ("tb", "eval/accuracy", 0.25, 0) in calls
+    assert calls[-2:] == [("wandb-finish",), ("tb-close",)]
+
+
+@pytest.mark.parametrize("flags, package", [(["--wandb", "proj"], "wandb"), (["--tensorboard"], "tensorboard")])
+def test_missing_logger_package_is_one_line(flags, package, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    out = tmp_path / "out"
+    proc = run_train("--smoke", *flags, "--out", out, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and f"the {package} package is not installed" in lines[0]
+    assert not out.exists()
