@@ -111,7 +111,10 @@ def tiny_checkpoint(tmp_path_factory):
 
 BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "group-size-1", "unwritable-out",
        "unknown-credit", "bad-q", "bad-lr", "bad-gamma", "bad-alpha", "bad-k", "bad-window", "bad-h-hi",
-       "bad-temperature", "bad-clip", "bad-kl", "bad-steps", "layers-beyond-depth", "init-nonexistent"]
+       "bad-temperature", "bad-clip", "bad-kl", "bad-steps", "layers-beyond-depth", "init-nonexistent",
+       "compare-seeds-0", "compare-bad-credit", "analyze-num-prompts-0", "analyze-temperature",
+       "analyze-layers-beyond"]
+# --grad-accum 0 and --jobs 0 join this list once those flags exist (other branches add them)
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -143,6 +146,11 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "bad-steps": (["--smoke", "--steps", "0"], "--steps 0: steps must be >= 1"),
         "layers-beyond-depth": (["--smoke", "--layers", "0,7"], "the model has 2 layers"),
         "init-nonexistent": (["--init", "/nonexistent"], "no such directory /nonexistent (and it is not a hub id)"),
+        "compare-seeds-0": (["compare", "--smoke", "--seeds", "0"], "--seeds 0"),
+        "compare-bad-credit": (["compare", "--smoke", "--credit", "none,loud"], "--credit loud"),
+        "analyze-num-prompts-0": (["analyze", "--init", tiny_checkpoint, "--num-prompts", "0"], "--num-prompts"),
+        "analyze-temperature": (["analyze", "--init", tiny_checkpoint, "--temperature", "-1"], "--temperature"),
+        "analyze-layers-beyond": (["analyze", "--init", tiny_checkpoint, "--layers", "5"], "the model has 2 layers"),
     }[case]
     if case != "unwritable-out":
         args = [*args, "--out", out]
