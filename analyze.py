@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attention_metrics import (FAI_H_LO, WAAD_WINDOW, aggregated_maps, coupling_stats, default_layers, plot_rhythm,
-                               render_html, rhythm_signals)
+from attention_metrics import FAI_H_LO, WAAD_WINDOW, coupling_stats, default_layers, rhythm_signals
 from model import Transformer
+from plots import aggregated_maps, plot_rhythm, render_html
 from rl import build_batch
 from tasks import make_task, read_jsonl
 from tokenizer import Tokenizer

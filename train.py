@@ -36,11 +36,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from attention_metrics import aggregated_maps, credit_gamma, default_layers, plot_rhythm, render_html, rhythm_signals
 from distributed import (MODES, broadcast_parameters, full_state_dict, gathered, is_main, launched_rank,
                          launched_world_size, parallel_mode, setup, teardown)
 from model import Qwen3Config, Transformer, atomic_directory, save_state_dict
-from rl import GRPO, RLConfig, _choice, _int_at_least, _number, _require, build_batch, check_world_size
+from plots import draw_rhythm, plot_compare, plot_curves
+from rl import GRPO, RLConfig, _choice, _int_at_least, _number, _require, check_world_size
 from sft import warmup
 from tasks import make_task
 from tokenizer import Tokenizer
@@ -363,68 +363,6 @@ def save_model(path: Path, model, tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# Pictures of a run
-
-
-def plot_curves(records: list[dict], path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    panels = [("reward_mean", "rollout reward"), ("accuracy", "accuracy"),
-              ("response_length", "response length (tokens)"), ("amplified_frac", "share of tokens amplified")]
-    for ax, (key, label) in zip(axes.flat, panels):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], label="rollouts", color="tab:blue")
-        if key == "accuracy" and evals:
-            ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="tab:red",
-                    label="held-out (greedy)")
-            ax.legend()
-        ax.set_title(label)
-        ax.set_xlabel("GRPO step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def token_strings(tokenizer, ids):
-    return [tokenizer.decode([i]) for i in ids]
-
-
-def draw_rhythm(model, tokenizer, trainer: GRPO, examples, out: Path, rl: RLConfig, h_hi=None, prefix="rhythm"):
-    """PNG (Figure 2 style) and HTML token view of the greedy response to each example."""
-    prompts = [trainer.encode_prompt(ex) for ex in examples]
-    responses = model.generate(prompts, rl.max_new_tokens, stop_ids=trainer.stop_ids)
-    written = []
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        if len(response) < 2:
-            continue
-        batch = build_batch([prompt], [response], trainer.pad_id)
-        batch = {key: value.to(model.device) for key, value in batch.items()}
-        start = int(batch["starts"][0])
-        # the run's own layers (a band name resolved against this model's depth) and strategy
-        layers = (default_layers(model.config.num_hidden_layers, rl.credit_layers)
-                  if isinstance(rl.credit_layers, str) else list(rl.credit_layers))
-        signals = rhythm_signals(model, batch["input_ids"], batch["starts"], batch["attention_mask"], layers=layers,
-                                 heads=rl.credit_heads, window=rl.window, h_lo=rl.h_lo,
-                                 h_hi=h_hi if h_hi is not None else rl.h_hi, receivers=True)[0]
-        gamma = credit_gamma(rl.strategy, waad=signals["waad"], fai=signals["fai"], entropy=signals["entropy"],
-                             q=rl.q, gamma_amp=rl.gamma_amp, k=rl.k, alpha=rl.alpha, bottom=rl.bottom,
-                             generator=torch.Generator().manual_seed(rl.seed + i)).cpu()
-        maps = aggregated_maps(model, batch["input_ids"], start, layers=layers)
-        tokens = token_strings(tokenizer, response)
-        title = f"{examples[i].prompt.strip()[-60:]!r}"
-        plot_rhythm(out / f"{prefix}_{i}.png", signals, tokens=tokens, maps=maps, q=rl.q, title=title)
-        render_html(out / f"{prefix}_{i}.html", tokens, signals, gamma=gamma, q=rl.q, title=title)
-        written.append(f"{prefix}_{i}")
-    return written
-
-
-# -----------------------------------------------------------------------------
 # One training run
 
 
@@ -546,19 +484,7 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
 # compare: several credit strategies x seeds, identical data
 
 
-def ema_of_best(values, a=0.3):
-    """The paper's curve smoothing: EMA_t = a * max(x_t, EMA_{t-1}) + (1 - a) * EMA_{t-1}."""
-    smoothed = []
-    for x in values:
-        smoothed.append(x if not smoothed else a * max(x, smoothed[-1]) + (1 - a) * smoothed[-1])
-    return smoothed
-
-
 def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, parallel: str | None = None):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     root = Path(run.out)
     results = {c: [] for c in credits}
     curves = {c: [] for c in credits}
@@ -592,18 +518,7 @@ def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, parall
     print(table)
     (root / "compare.md").write_text(table + "\n")
     (root / "compare.json").write_text(json.dumps(rows, indent=2))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, credit in enumerate(credits):
-        for j, (steps, accs) in enumerate(curves[credit]):
-            ax.plot(steps, [100 * v for v in ema_of_best(accs)], color=f"C{i}", alpha=0.8,
-                    label=credit if j == 0 else None)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("held-out accuracy % (EMA of best, as in the paper)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "compare.png", dpi=110)
-    plt.close(fig)
+    plot_compare(curves, root / "compare.png")
     return rows
 
 

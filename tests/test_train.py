@@ -166,7 +166,7 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
 @pytest.mark.parametrize("strategy, layers", [("none", "top"), ("global", (0,)), ("coupled", "middle")])
 def test_draw_rhythm_draws_the_runs_layers_and_strategy(strategy, layers, tmp_path, monkeypatch):
     import attention_metrics as am
-    import train
+    import plots
     from rl import GRPO, RLConfig
     from tasks import make_task
 
@@ -179,10 +179,10 @@ def test_draw_rhythm_draws_the_runs_layers_and_strategy(strategy, layers, tmp_pa
     rl = RLConfig(strategy=strategy, credit_layers=layers, max_new_tokens=12, h_lo=2, h_hi=6)
     trainer = GRPO(model, tokenizer, task, rl)
     seen = []
-    monkeypatch.setattr(train, "plot_rhythm", lambda *a, **k: None)
-    monkeypatch.setattr(train, "render_html", lambda path, tokens, signals, gamma=None, **k:
+    monkeypatch.setattr(plots, "plot_rhythm", lambda *a, **k: None)
+    monkeypatch.setattr(plots, "render_html", lambda path, tokens, signals, gamma=None, **k:
                         seen.append((signals["layers"], gamma, signals)))
-    train.draw_rhythm(model, tokenizer, trainer, task.test[:1], tmp_path, rl)
+    plots.draw_rhythm(model, tokenizer, trainer, task.test[:1], tmp_path, rl)
     assert seen, "no response long enough to draw"
     drawn_layers, gamma, signals = seen[0]
     expected_layers = am.default_layers(6, layers) if isinstance(layers, str) else list(layers)
