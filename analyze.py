@@ -49,13 +49,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attention_metrics import (FAI_H_LO, WAAD_WINDOW, aggregated_maps, coupling_stats, default_layers, plot_rhythm,
-                               render_html, rhythm_signals)
+from attention_metrics import FAI_H_LO, WAAD_WINDOW, coupling_stats, default_layers, rhythm_signals
 from model import Transformer
+from plots import aggregated_maps, plot_rhythm, render_html
 from rl import build_batch
 from tasks import make_task, read_jsonl
 from tokenizer import Tokenizer
-from train import Parser, UsageError, checkpoint_dir, ensure_writable, parse_layers, pick_device
+from cli import Parser, UsageError, check_layers, checkpoint_dir, ensure_writable, model_depth, parse_layers, pick_device
 
 # -----------------------------------------------------------------------------
 # Project defaults
@@ -514,6 +514,8 @@ def main(argv=None):
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     _check_args(args)
     model_dir = resolve_model_dir(args.init)
+    if args.layers is not None:
+        check_layers(args.layers, model_depth(model_dir))
     run_config = read_run_config(model_dir)
     out = Path(args.out) if args.out else (model_dir.parent / "analysis" if run_config else DEFAULT_OUT)
     ensure_writable(out)

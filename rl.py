@@ -54,6 +54,7 @@ floating-point summation order. Metrics are of the whole batch, identical on eve
 """
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -123,30 +124,64 @@ class RLConfig:
     generation_batch_size: int | None = None   # rows per generate call; None: all at once
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (GRPO compares responses within a group), got {self.group_size}")
-        if self.rollout_batch_size % self.group_size:
-            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) counts responses and must be a "
-                             f"multiple of group_size ({self.group_size})")
-        if self.micro_batch_size < 1 or self.rollout_batch_size % self.micro_batch_size:
-            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide rollout_batch_size "
-                             f"({self.rollout_batch_size})")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        """Every knob checked here, so a bad value fails before any work, from Python or the CLI
+        (which names the flag: cli.flag_error). Each error is a ConfigError naming the field."""
+        _int_at_least("group_size", self.group_size, 2, "(GRPO compares responses within a group)")
+        _int_at_least("rollout_batch_size", self.rollout_batch_size, 1)
+        _require(self.rollout_batch_size % self.group_size == 0, "rollout_batch_size", self.rollout_batch_size,
+                 f"counts responses and must be a multiple of group_size ({self.group_size})")
+        _int_at_least("micro_batch_size", self.micro_batch_size, 1)
+        _require(self.rollout_batch_size % self.micro_batch_size == 0, "micro_batch_size", self.micro_batch_size,
+                 f"must divide rollout_batch_size ({self.rollout_batch_size})")
+        _int_at_least("ppo_epochs", self.ppo_epochs, 1)
+        _int_at_least("max_new_tokens", self.max_new_tokens, 1)
+        _number("temperature", self.temperature, low=0, low_open=True,
+                why="(GRPO samples; greedy groups have no spread)")
+        _number("top_p", self.top_p, low=0, high=1, low_open=True)
+        _int_at_least("top_k", self.top_k, 0, "(0 = no top-k)")
+        _require(isinstance(self.stop_ids, tuple) and all(_is_int(i) and i >= 0 for i in self.stop_ids),
+                 "stop_ids", self.stop_ids, "must be a tuple of token ids >= 0")
+        _number("clip_eps", self.clip_eps, low=0, high=1, low_open=True, high_open=True)
+        if self.clip_eps_high is not None:
+            _number("clip_eps_high", self.clip_eps_high, low=0, low_open=True, why="(or None: = clip_eps)")
+        _choice("norm", self.norm, NORMS)
+        _number("adv_eps", self.adv_eps, low=0)
+        _number("kl_coef", self.kl_coef, low=0)
+        _number("entropy_coef", self.entropy_coef, low=0)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("sign", self.sign, SIGNS)
+        _number("q", self.q, low=0, high=1, low_open=True)
+        _number("gamma_amp", self.gamma_amp, low=0, low_open=True)
+        _int_at_least("k", self.k, 1)
+        _number("alpha", self.alpha, low=0, high=1)
+        _require(isinstance(self.bottom, bool), "bottom", self.bottom, "must be True or False")
         if isinstance(self.credit_layers, str):
-            _check_choice("credit_layers", self.credit_layers, LAYER_CHOICES)
-        _check_choice("credit_heads", self.credit_heads, ("targeted", "all"))
-        _check_choice("credit_method", self.credit_method, ("lean", "explicit"))
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("sign", self.sign, SIGNS)
-        if self.lr_warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"lr_warmup_steps must be >= 0 and min_lr_ratio in [0, 1]; got "
-                             f"{self.lr_warmup_steps} and {self.min_lr_ratio}")
-        if self.ppo_epochs < 1 or self.max_new_tokens < 1:
-            raise ValueError("ppo_epochs and max_new_tokens must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for GRPO sampling (greedy groups have no spread), "
-                             f"got {self.temperature}")
+            _choice("credit_layers", self.credit_layers, LAYER_CHOICES)
+        else:
+            layers = self.credit_layers
+            _require(isinstance(layers, tuple) and len(layers) > 0 and all(_is_int(i) and i >= 0 for i in layers)
+                     and len(set(layers)) == len(layers), "credit_layers", layers,
+                     f"must be one of {', '.join(LAYER_CHOICES)} or a tuple of distinct layer indices >= 0")
+        _choice("credit_heads", self.credit_heads, ("targeted", "all"))
+        _choice("credit_method", self.credit_method, ("lean", "explicit"))
+        _int_at_least("window", self.window, 1)
+        _int_at_least("h_lo", self.h_lo, 1)
+        if self.h_hi is not None:
+            _int_at_least("h_hi", self.h_hi, self.h_lo, "(h_lo), or None (to the end of the response)")
+        _number("lr", self.lr, low=0, low_open=True)
+        _int_at_least("lr_warmup_steps", self.lr_warmup_steps, 0)
+        _number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        _require(isinstance(self.betas, tuple) and len(self.betas) == 2
+                 and all(_is_number(b) and 0 <= b < 1 for b in self.betas), "betas", self.betas,
+                 "must be two numbers in [0, 1)")
+        _number("weight_decay", self.weight_decay, low=0)
+        _number("adam_eps", self.adam_eps, low=0, low_open=True)
+        _number("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
+        _require(_is_int(self.seed), "seed", self.seed, "must be an int")
+        _require(_is_int(self.eval_seed), "eval_seed", self.eval_seed, "must be an int")
+        _int_at_least("eval_batch_size", self.eval_batch_size, 1)
+        if self.generation_batch_size is not None:
+            _int_at_least("generation_batch_size", self.generation_batch_size, 1, "(or None: all at once)")
 
     @property
     def prompts_per_step(self) -> int:
@@ -156,6 +191,55 @@ class RLConfig:
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+
+
+class ConfigError(ValueError):
+    """A config knob out of its range: names the field, the value and what is allowed.
+
+    str() reads "q must be in (0, 1], got 2"; the command line shows the flag instead
+    (cli.flag_error: "--q 2: q must be in (0, 1]").
+    """
+
+    def __init__(self, field: str, value, allowed: str):
+        self.field, self.value, self.rule = field, value, f"{field} {allowed}"
+        super().__init__(f"{self.rule}, got {value!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _require(ok: bool, field: str, value, allowed: str):
+    if not ok:
+        raise ConfigError(field, value, allowed)
+
+
+def _int_at_least(field, value, low, why=""):
+    _require(_is_int(value) and value >= low, field, value, f"must be >= {low} {why}".rstrip())
+
+
+def _number(field, value, low=None, high=None, low_open=False, high_open=False, why=""):
+    """A finite number in the interval given by low/high (open ends when *_open)."""
+    ok = _is_number(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if low is not None and high is not None:
+        allowed = f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"must be {'>' if low_open else '>='} {low}"
+    else:
+        allowed = "must be a finite number"
+    _require(ok, field, value, f"{allowed} {why}".rstrip())
+
+
+def _choice(field, value, allowed):
+    _require(value in allowed, field, value, f"must be one of {', '.join(map(str, allowed))}")
 
 
 def check_world_size(config: RLConfig, world_size: int):

@@ -36,22 +36,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from attention_metrics import aggregated_maps, credit_gamma, plot_rhythm, render_html, rhythm_signals
 from distributed import (MODES, broadcast_parameters, full_state_dict, gathered, is_main, launched_rank,
                          launched_world_size, parallel_mode, setup, teardown)
 from model import Qwen3Config, Transformer, atomic_directory, save_state_dict
-from rl import GRPO, RLConfig, build_batch, check_world_size
+from plots import draw_rhythm, plot_compare, plot_curves
+from rl import GRPO, RLConfig, _choice, _int_at_least, _number, _require, check_world_size
 from sft import warmup
 from tasks import make_task
 from tokenizer import Tokenizer
-
-
-class UsageError(ValueError):
-    """A bad flag or input: reported as one line, exit code 2."""
+from cli import (Parser, UsageError, check_layers, check_writable, checkpoint_dir, ensure_writable, flag_error,  # noqa: F401
+                 model_depth, parse_layers, pick_device)
 
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass for the run, rl.RLConfig for the GRPO knobs.
+
+
+TASKS = ("countdown", "gsm8k", "math")
 
 
 @dataclass
@@ -73,6 +74,8 @@ class RunConfig:
     eval_size: int = 512             # held-out problems per evaluation
     checkpoint_every: int = 20
     rhythm_examples: int = 3         # held-out responses drawn as rhythm PNG + HTML
+    wandb: str | None = None         # Weights & Biases project (WANDB_MODE=offline works without network)
+    tensorboard: bool = False        # torch's SummaryWriter, event files under --out/tensorboard
     # model from scratch (ignored with --init)
     n_layer: int = 4
     n_embd: int = 128
@@ -85,6 +88,21 @@ class RunConfig:
     sft_steps: int = 300
     sft_batch: int = 64
     sft_lr: float = 3e-3
+
+    def __post_init__(self):
+        """The run's knobs, checked like RLConfig's (rl.ConfigError names the field)."""
+        _choice("task", self.task, TASKS)
+        _choice("num_numbers", self.num_numbers, (3, 4))
+        for name in ("steps", "eval_every", "eval_size", "checkpoint_every", "n_train", "n_test", "max_number",
+                     "max_target", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "intermediate",
+                     "context", "sft_batch"):
+            _int_at_least(name, getattr(self, name), 1)
+        for name in ("rhythm_examples", "sft_steps"):
+            _int_at_least(name, getattr(self, name), 0)
+        _number("sft_lr", self.sft_lr, low=0, low_open=True)
+        _require(self.n_head % self.n_kv_head == 0, "n_head", self.n_head,
+                 f"must be a multiple of n_kv_head ({self.n_kv_head})")
+        _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even (rotary embeddings)")
 
 
 # The CPU demo (RunConfig's defaults): a 1M-parameter model, 300 warm-up steps, 300 GRPO steps of 16 prompts x 8,
@@ -112,15 +130,7 @@ RL_FLAGS = dict(credit="strategy", bottom="bottom", q="q", gamma_amp="gamma_amp"
                 micro_batch="micro_batch_size", ppo_epochs="ppo_epochs", lr="lr", max_new_tokens="max_new_tokens",
                 temperature="temperature", clip_eps="clip_eps", kl_coef="kl_coef", norm="norm",
                 lr_warmup_steps="lr_warmup_steps", min_lr_ratio="min_lr_ratio")
-
-
-def parse_layers(text):
-    if text in ("middle", "all", "top", "bottom"):
-        return text
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes middle|all|top|bottom or a list like 9,11,13; got {text!r}")
+FIELD_FLAGS = {field: flag for flag, field in RL_FLAGS.items()}  # a config error names the flag
 
 
 def add_run_flags(p):
@@ -128,7 +138,7 @@ def add_run_flags(p):
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--init", help="Qwen3 checkpoint directory (or hub id with huggingface_hub installed)")
-    p.add_argument("--task", choices=["countdown", "gsm8k", "math"])
+    p.add_argument("--task", choices=TASKS)
     p.add_argument("--data", help="JSONL file (or folder with train.jsonl/test.jsonl) for gsm8k / math")
     p.add_argument("--num-numbers", dest="num_numbers", type=int, choices=[3, 4])
     p.add_argument("--steps", type=int, help="GRPO steps")
@@ -137,6 +147,9 @@ def add_run_flags(p):
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--sft-steps", dest="sft_steps", type=int, help="warm-up steps (model from scratch only)")
     p.add_argument("--smoke", action="store_true", help="shrunken default run (under a minute)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log every metrics.jsonl record to Weights & Biases")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log every metrics.jsonl record to TensorBoard (under --out/tensorboard)")
 
 
 def add_rl_flags(p, credit_type=str):
@@ -167,11 +180,6 @@ def add_rl_flags(p, credit_type=str):
     p.add_argument("--norm", choices=["sequence", "token"])
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def resolve(args) -> tuple[RunConfig, RLConfig]:
     """Preset (demo, smoke or paper) + the flags given = the full config of the run."""
     preset = PAPER if args.init else DEMO
@@ -188,16 +196,71 @@ def resolve(args) -> tuple[RunConfig, RLConfig]:
     run_values.update({k: v for k, v in given.items() if k in run_names})
     if run_values.get("task", "countdown") != "countdown" and args.init is None:
         raise UsageError("--task gsm8k/math needs --init <Qwen3 checkpoint>: the tiny demo model is for countdown")
-    run = RunConfig(**run_values)
-    rl_values["seed"] = run.seed
     try:
-        rl = RLConfig(**rl_values)
+        run = RunConfig(**run_values)
+        rl = RLConfig(**rl_values, seed=run.seed)
+    except ValueError as e:
+        raise flag_error(e, FIELD_FLAGS) from None
+    return run, rl
+
+
+def preflight(run: RunConfig, rl: RLConfig):
+    """The checks that need more than the flags (the device, the checkpoint's depth for --layers,
+    the data file, the output folder), all before any model is built or --out is touched."""
+    pick_device(run.device)
+    try:
+        check_world_size(rl, launched_world_size())
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for name in ("steps", "eval_every", "eval_size", "checkpoint_every"):
-        if getattr(run, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(run, name)}")
-    return run, rl
+    depth = model_depth(checkpoint_dir(run.init)) if run.init else run.n_layer
+    check_layers(rl.credit_layers, depth)
+    if run.data is not None and not Path(run.data).exists():
+        raise UsageError(f"--data {run.data}: no such file or folder")
+    check_writable(Path(run.out))
+    check_loggers(run)
+
+
+def check_loggers(run: RunConfig):
+    """--wandb / --tensorboard are optional: a missing package is one line before any work."""
+    import importlib.util
+
+    if run.wandb and importlib.util.find_spec("wandb") is None:
+        raise UsageError(f"--wandb {run.wandb}: the wandb package is not installed (pip install wandb)")
+    if run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+
+
+class MetricsLog:
+    """metrics.jsonl, plus the same records to Weights & Biases and TensorBoard when asked for.
+
+    Each record's numbers go to those tools as "<kind>/<name>" at its step (kind: train or eval).
+    """
+
+    def __init__(self, path: Path, run: RunConfig, config: dict):
+        self.path, self.wandb, self.writer = path, None, None
+        if run.wandb:
+            import wandb
+            self.wandb = wandb.init(project=run.wandb, config=config, dir=run.out, resume="allow")
+        if run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(Path(run.out) / "tensorboard"))
+
+    def __call__(self, record: dict):
+        append_jsonl(self.path, record)
+        scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
+                   if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = int(record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def config_json(run: RunConfig, rl: RLConfig) -> dict:
@@ -217,32 +280,11 @@ def config_from_json(d: dict) -> tuple[RunConfig, RLConfig]:
 # Building blocks of a run
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
-
-
 def precision(device: torch.device):
     """bf16 autocast on GPU (fp32 master weights, so lr 1e-6 updates are not rounded away); fp32 on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def checkpoint_dir(init: str) -> Path:
-    """A local directory, or a hub id downloaded with huggingface_hub when that package is installed."""
-    path = Path(init)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise UsageError(f"--init {init}: no such directory (install huggingface_hub to download hub ids)") from None
-    patterns = ["*.json", "*.safetensors", "vocab.json", "merges.txt"]
-    return Path(snapshot_download(init, allow_patterns=patterns))
 
 
 def load_task(run: RunConfig):
@@ -324,77 +366,7 @@ def save_model(path: Path, model, tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# Pictures of a run
-
-
-def plot_curves(records: list[dict], path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    panels = [("reward_mean", "rollout reward"), ("accuracy", "accuracy"),
-              ("response_length", "response length (tokens)"), ("amplified_frac", "share of tokens amplified")]
-    for ax, (key, label) in zip(axes.flat, panels):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], label="rollouts", color="tab:blue")
-        if key == "accuracy" and evals:
-            ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="tab:red",
-                    label="held-out (greedy)")
-            ax.legend()
-        ax.set_title(label)
-        ax.set_xlabel("GRPO step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def token_strings(tokenizer, ids):
-    return [tokenizer.decode([i]) for i in ids]
-
-
-def draw_rhythm(model, tokenizer, trainer: GRPO, examples, out: Path, rl: RLConfig, h_hi=None, prefix="rhythm"):
-    """PNG (Figure 2 style) and HTML token view of the greedy response to each example."""
-    prompts = [trainer.encode_prompt(ex) for ex in examples]
-    responses = model.generate(prompts, rl.max_new_tokens, stop_ids=trainer.stop_ids)
-    written = []
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        if len(response) < 2:
-            continue
-        batch = build_batch([prompt], [response], trainer.pad_id)
-        batch = {key: value.to(model.device) for key, value in batch.items()}
-        start = int(batch["starts"][0])
-        layers = rl.credit_layers if not isinstance(rl.credit_layers, str) else None
-        signals = rhythm_signals(model, batch["input_ids"], batch["starts"], batch["attention_mask"], layers=layers,
-                                 window=rl.window, h_lo=rl.h_lo, h_hi=h_hi if h_hi is not None else rl.h_hi,
-                                 receivers=True)[0]
-        gamma = credit_gamma("coupled", waad=signals["waad"], fai=signals["fai"], q=rl.q, gamma_amp=rl.gamma_amp,
-                             k=rl.k, alpha=rl.alpha)
-        maps = aggregated_maps(model, batch["input_ids"], start, layers=layers)
-        tokens = token_strings(tokenizer, response)
-        title = f"{examples[i].prompt.strip()[-60:]!r}"
-        plot_rhythm(out / f"{prefix}_{i}.png", signals, tokens=tokens, maps=maps, q=rl.q, title=title)
-        render_html(out / f"{prefix}_{i}.html", tokens, signals, gamma=gamma, q=rl.q, title=title)
-        written.append(f"{prefix}_{i}")
-    return written
-
-
-# -----------------------------------------------------------------------------
 # One training run
-
-
-def ensure_writable(out: Path):
-    """Create --out and prove it takes a file, so a bad folder fails before any work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 
 def prepare_out(out: Path, resume: bool):
@@ -440,6 +412,7 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
     if main_rank:
         prepare_out(out, resume)
         (out / "run_config.json").write_text(json.dumps(config_json(run, rl), indent=2))
+        log = MetricsLog(metrics_file, run, config_json(run, rl))
     if not resume and run.init is None:
         # weights made in this run: rank 0 makes them (warm-up or the compare warm-start), the others copy
         if main_rank and warm_start is not None and (warm_start / "config.json").exists():
@@ -464,7 +437,7 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
             before = trainer.evaluate(eval_examples)
         progress.update(step=0, accuracy_before_rl=before["accuracy"], best_accuracy=before["accuracy"])
         if main_rank:
-            append_jsonl(metrics_file, {"kind": "eval", "step": 0, **before})
+            log({"kind": "eval", "step": 0, **before})
         if not quiet:
             print(f"held-out accuracy before RL: {before['accuracy']:.3f} ({len(eval_examples)} problems)")
         save_checkpoint(out, model, tokenizer, trainer, progress)
@@ -477,14 +450,14 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
         with precision(device):
             metrics = trainer.step(batch)
         if main_rank:
-            append_jsonl(metrics_file, {"kind": "train", **metrics, "lr": lr, "step": step + 1})
+            log({"kind": "train", **metrics, "lr": lr, "step": step + 1})
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}")
         progress["step"] = step + 1
         if (step + 1) % run.eval_every == 0 or step + 1 == run.steps:
             with precision(device):
                 result = trainer.evaluate(eval_examples)
             if main_rank:
-                append_jsonl(metrics_file, {"kind": "eval", "step": step + 1, **result})
+                log({"kind": "eval", "step": step + 1, **result})
             progress["best_accuracy"] = max(progress["best_accuracy"], result["accuracy"])
             progress["accuracy_after_rl"] = result["accuracy"]
         if (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
@@ -502,6 +475,7 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
                "seed": run.seed, "wall_seconds": round(time.time() - t_start, 1)}
     if main_rank:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.close()
     if not quiet:
         print(f"held-out accuracy: {summary['accuracy_before_rl']:.3f} after warm-up -> "
               f"{summary['accuracy_after_rl']:.3f} after {run.steps} GRPO steps "
@@ -513,19 +487,7 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
 # compare: several credit strategies x seeds, identical data
 
 
-def ema_of_best(values, a=0.3):
-    """The paper's curve smoothing: EMA_t = a * max(x_t, EMA_{t-1}) + (1 - a) * EMA_{t-1}."""
-    smoothed = []
-    for x in values:
-        smoothed.append(x if not smoothed else a * max(x, smoothed[-1]) + (1 - a) * smoothed[-1])
-    return smoothed
-
-
 def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, parallel: str | None = None):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     root = Path(run.out)
     results = {c: [] for c in credits}
     curves = {c: [] for c in credits}
@@ -559,18 +521,7 @@ def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, parall
     print(table)
     (root / "compare.md").write_text(table + "\n")
     (root / "compare.json").write_text(json.dumps(rows, indent=2))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, credit in enumerate(credits):
-        for j, (steps, accs) in enumerate(curves[credit]):
-            ax.plot(steps, [100 * v for v in ema_of_best(accs)], color=f"C{i}", alpha=0.8,
-                    label=credit if j == 0 else None)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("held-out accuracy % (EMA of best, as in the paper)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "compare.png", dpi=110)
-    plt.close(fig)
+    plot_compare(curves, root / "compare.png")
     return rows
 
 
@@ -606,9 +557,16 @@ def main(argv=None):
         args.credit = credits[0]
         run, rl = resolve(args)
         for credit in credits:
-            replace(rl, strategy=credit)  # validates each name before any run starts
+            try:
+                replace(rl, strategy=credit)  # validates each name before any run starts
+            except ValueError as e:
+                raise flag_error(e, FIELD_FLAGS) from None
+        if args.seeds < 1:
+            raise UsageError(f"--seeds {args.seeds}: seeds must be >= 1")
+        preflight(run, rl)
         return compare(run, rl, credits, args.seeds, parallel)
     run, rl = resolve(args)
+    preflight(run, rl)
     return train(run, rl, parallel=parallel)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attention_metrics as am
+import plots
 from model import Qwen3Config, Transformer
 
 # -----------------------------------------------------------------------------
@@ -461,7 +462,7 @@ def test_plot_and_html_files(tiny_model, tmp_path):
     ids = torch.randint(0, 300, (40,))
     start = 15
     signals = am.rhythm_signals(tiny_model, ids[None], [start], receivers=True)[0]
-    maps = am.aggregated_maps(tiny_model, ids, start, region="all", max_positions=30)
+    maps = plots.aggregated_maps(tiny_model, ids, start, region="all", max_positions=30)
     assert maps["local"].shape == (30, 30) and maps["offset"] == 10
     with torch.no_grad():
         _, attn = tiny_model(ids[None], attn_layers=tuple(signals["layers"]))
@@ -470,14 +471,14 @@ def test_plot_and_html_files(tiny_model, tmp_path):
     tokens = [f"w{i}" for i in range(25)]
     tokens[3] = "<b>&\n"
     png = tmp_path / "rhythm.png"
-    am.plot_rhythm(png, signals, tokens, maps, title="tiny")
+    plots.plot_rhythm(png, signals, tokens, maps, title="tiny")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = tmp_path / "rhythm.html"
-    am.render_html(page, tokens, signals)
+    plots.render_html(page, tokens, signals)
     text = page.read_text()
     parser = _Collect()
     parser.feed(text)
     assert "&lt;b&gt;&amp;" in text and "<b>&" not in text
     assert "w24" in "".join(parser.text) and parser.tags.count("span") >= 3 * 25
     with pytest.raises(ValueError, match="tokens has 3 entries but the response has 25 tokens"):
-        am.render_html(page, tokens[:3], signals)
+        plots.render_html(page, tokens[:3], signals)

@@ -109,8 +109,15 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("case", ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch",
-                                  "group-size-1", "unwritable-out", "unknown-credit"])
+BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "group-size-1", "unwritable-out",
+       "unknown-credit", "bad-q", "bad-lr", "bad-gamma", "bad-alpha", "bad-k", "bad-window", "bad-h-hi",
+       "bad-temperature", "bad-clip", "bad-kl", "bad-steps", "layers-beyond-depth", "init-nonexistent",
+       "compare-seeds-0", "compare-bad-credit", "analyze-num-prompts-0", "analyze-temperature",
+       "analyze-layers-beyond"]
+# --grad-accum 0 and --jobs 0 join this list once those flags exist (other branches add them)
+
+
+@pytest.mark.parametrize("case", BAD)
 def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     bad_jsonl = tmp_path / "bad.jsonl"
@@ -125,12 +132,116 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "micro-gt-batch": (["--smoke", "--rollout-batch", "16", "--micro-batch", "32"], "micro_batch_size"),
         "group-size-1": (["--smoke", "--group-size", "1"], "group_size must be >= 2"),
         "unwritable-out": (["--smoke", "--sft-steps", "1", "--out", blocker / "out"], "cannot write"),
-        "unknown-credit": (["--smoke", "--credit", "loud"], "unknown strategy 'loud'"),
+        "unknown-credit": (["--smoke", "--credit", "loud"], "--credit loud: strategy must be one of"),
+        "bad-q": (["--smoke", "--q", "2"], "--q 2: q must be in (0, 1]"),
+        "bad-lr": (["--smoke", "--lr", "-1"], "--lr -1: lr must be > 0"),
+        "bad-gamma": (["--smoke", "--gamma-amp", "-1"], "--gamma-amp -1: gamma_amp must be > 0"),
+        "bad-alpha": (["--smoke", "--alpha", "1.5"], "--alpha 1.5: alpha must be in [0, 1]"),
+        "bad-k": (["--smoke", "--k", "0"], "--k 0: k must be >= 1"),
+        "bad-window": (["--smoke", "--window", "0"], "--window 0: window must be >= 1"),
+        "bad-h-hi": (["--smoke", "--h-hi", "3"], "--h-hi 3: h_hi must be >= 10"),
+        "bad-temperature": (["--smoke", "--temperature", "0"], "--temperature 0: temperature must be > 0"),
+        "bad-clip": (["--smoke", "--clip-eps", "0"], "--clip-eps 0: clip_eps must be in (0, 1)"),
+        "bad-kl": (["--smoke", "--kl-coef", "-1"], "--kl-coef -1: kl_coef must be >= 0"),
+        "bad-steps": (["--smoke", "--steps", "0"], "--steps 0: steps must be >= 1"),
+        "layers-beyond-depth": (["--smoke", "--layers", "0,7"], "the model has 2 layers"),
+        "init-nonexistent": (["--init", "/nonexistent"], "no such directory /nonexistent (and it is not a hub id)"),
+        "compare-seeds-0": (["compare", "--smoke", "--seeds", "0"], "--seeds 0"),
+        "compare-bad-credit": (["compare", "--smoke", "--credit", "none,loud"], "--credit loud"),
+        "analyze-num-prompts-0": (["analyze", "--init", tiny_checkpoint, "--num-prompts", "0"], "--num-prompts"),
+        "analyze-temperature": (["analyze", "--init", tiny_checkpoint, "--temperature", "-1"], "--temperature"),
+        "analyze-layers-beyond": (["analyze", "--init", tiny_checkpoint, "--layers", "5"], "the model has 2 layers"),
     }[case]
     if case != "unwritable-out":
         args = [*args, "--out", out]
+    t0 = time.time()
     proc = run_train(*args, check=False)
+    assert time.time() - t0 < 10, "the failure came after work began"
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("strategy, layers", [("none", "top"), ("global", (0,)), ("coupled", "middle")])
+def test_draw_rhythm_draws_the_runs_layers_and_strategy(strategy, layers, tmp_path, monkeypatch):
+    import attention_metrics as am
+    import plots
+    from rl import GRPO, RLConfig
+    from tasks import make_task
+
+    tokenizer = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    model = Transformer(Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=256)).eval()
+    task = make_task("countdown", seed=0, num_numbers=3, n_train=4, n_test=2, prompt_style="compact")
+    rl = RLConfig(strategy=strategy, credit_layers=layers, max_new_tokens=12, h_lo=2, h_hi=6)
+    trainer = GRPO(model, tokenizer, task, rl)
+    seen = []
+    monkeypatch.setattr(plots, "plot_rhythm", lambda *a, **k: None)
+    monkeypatch.setattr(plots, "render_html", lambda path, tokens, signals, gamma=None, **k:
+                        seen.append((signals["layers"], gamma, signals)))
+    plots.draw_rhythm(model, tokenizer, trainer, task.test[:1], tmp_path, rl)
+    assert seen, "no response long enough to draw"
+    drawn_layers, gamma, signals = seen[0]
+    expected_layers = am.default_layers(6, layers) if isinstance(layers, str) else list(layers)
+    assert drawn_layers == expected_layers
+    if strategy == "none":
+        assert torch.equal(gamma, torch.ones_like(gamma))
+    else:
+        reference = am.credit_gamma(strategy, waad=signals["waad"], fai=signals["fai"], q=rl.q, k=rl.k,
+                                    alpha=rl.alpha, gamma_amp=rl.gamma_amp)
+        assert torch.equal(gamma, reference.cpu())
+
+
+def test_metrics_log_sends_the_jsonl_records_to_wandb_and_tensorboard(tmp_path, monkeypatch):
+    import types
+
+    import train
+
+    calls = []
+    fake_wandb = types.ModuleType("wandb")
+    run_handle = types.SimpleNamespace(log=lambda data, step: calls.append(("wandb", data, step)),
+                                       finish=lambda: calls.append(("wandb-finish",)))
+    fake_wandb.init = lambda **kw: calls.append(("wandb-init", kw["project"])) or run_handle
+    fake_tb = types.ModuleType("torch.utils.tensorboard")
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("tb-init", log_dir))
+
+        def add_scalar(self, name, value, step):
+            calls.append(("tb", name, value, step))
+
+        def close(self):
+            calls.append(("tb-close",))
+
+    fake_tb.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
+    run = train.RunConfig(out=str(tmp_path), wandb="proj", tensorboard=True)
+    log = train.MetricsLog(tmp_path / "metrics.jsonl", run, {"run": {}})
+    records = [{"kind": "eval", "step": 0, "accuracy": 0.25}, {"kind": "train", "step": 1, "loss": 0.5, "lr": 1e-6}]
+    for record in records:
+        log(record)
+    log.close()
+    assert read_records(tmp_path / "metrics.jsonl") == records
+    assert ("wandb-init", "proj") in calls and ("tb-init", str(tmp_path / "tensorboard")) in calls
+    assert ("wandb", {"eval/accuracy": 0.25}, 0) in calls
+    assert ("wandb", {"train/loss": 0.5, "train/lr": 1e-6}, 1) in calls
+    assert ("tb", "train/loss", 0.5, 1) in calls and ("tb", "eval/accuracy", 0.25, 0) in calls
+    assert calls[-2:] == [("wandb-finish",), ("tb-close",)]
+
+
+@pytest.mark.parametrize("flags, package", [(["--wandb", "proj"], "wandb"), (["--tensorboard"], "tensorboard")])
+def test_missing_logger_package_is_one_line(flags, package, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    out = tmp_path / "out"
+    proc = run_train("--smoke", *flags, "--out", out, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and f"the {package} package is not installed" in lines[0]
+    assert not out.exists()
