@@ -277,30 +277,49 @@ class _Matcher:
 # ---- reading checkpoint files --------------------------------------------------------------------------
 
 def _read_json(file: Path) -> dict:
+    """The JSON object in file; a damaged file is one ValueError line naming it (and the line/column)."""
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from None
+        raise ValueError(f"{file} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not valid JSON: it is not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} holds a JSON {type(data).__name__}; expected an object")
+    return data
 
 
 def _read_tokenizer_json(file: Path):
     """(ranks, added tokens, pattern, nfc) of a Qwen2-style tokenizer.json."""
     data = _read_json(file)
-    model = data.get("model") or {}
+    model = data.get("model")
+    model = model if isinstance(model, dict) else {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ValueError(f"{file}: model type is {model.get('type')!r}; expected a byte-level 'BPE' model with a vocab")
-    ranks = {token_to_bytes(token): rank for token, rank in model["vocab"].items()}
-    added = [_added_token(entry, file) for entry in data.get("added_tokens") or []]
+    ranks = _ranks(model["vocab"], file)
+    added_tokens = data.get("added_tokens") or []
+    if not isinstance(added_tokens, list):
+        raise ValueError(f"{file}: added_tokens is a {type(added_tokens).__name__}; expected a list")
+    added = [_added_token(entry, file) for entry in added_tokens]
     return ranks, added, _read_pattern(data.get("pre_tokenizer"), file), _read_nfc(data.get("normalizer"), file)
+
+
+def _ranks(vocab: dict, file: Path) -> dict[bytes, int]:
+    """token string -> id of a vocabulary object, each id checked to be an integer."""
+    bad = next(((token, rank) for token, rank in vocab.items() if type(rank) is not int), None)
+    if bad is not None:
+        raise ValueError(f"{file}: vocabulary token {bad[0]!r} has id {bad[1]!r}; expected an integer id")
+    return {token_to_bytes(token): rank for token, rank in vocab.items()}
 
 
 def _read_pattern(pre_tokenizer, file: Path) -> str:
     """The Split regex of a Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)] pre-tokenizer."""
-    steps = (pre_tokenizer or {}).get("pretokenizers") or []
+    steps = pre_tokenizer.get("pretokenizers") if isinstance(pre_tokenizer, dict) else None
+    steps = steps if isinstance(steps, list) and all(isinstance(step, dict) for step in steps) else []
     kinds = [step.get("type") for step in steps]
     if kinds == ["Split", "ByteLevel"]:
         split, byte_level = steps
-        if ("Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated" and not split.get("invert")
+        if (isinstance(split.get("pattern"), dict) and "Regex" in split["pattern"] and split.get("behavior") == "Isolated" and not split.get("invert")
                 and not byte_level.get("use_regex") and not byte_level.get("add_prefix_space")):
             return split["pattern"]["Regex"]
     raise ValueError(f"{file}: unsupported pre_tokenizer {json.dumps(pre_tokenizer)[:300]}; expected Qwen2's Sequence "
@@ -318,28 +337,42 @@ def _read_nfc(normalizer, file: Path) -> bool:
 def _added_token(entry: dict, source, token_id=None) -> AddedToken:
     """AddedToken from a tokenizer.json `added_tokens` entry or a tokenizer_config.json
     `added_tokens_decoder` value (whose id is the dict key, passed as `token_id`)."""
+    token_id = entry.get("id") if isinstance(entry, dict) and token_id is None else token_id
+    if not isinstance(entry, dict) or not isinstance(entry.get("content"), str) or not _is_int(token_id):
+        raise ValueError(f"{source}: added token entry {json.dumps(entry)[:200]} needs a string 'content' and "
+                         "an integer id")
     unsupported = [flag for flag in ("lstrip", "rstrip", "single_word") if entry.get(flag)]
     if unsupported:
         raise ValueError(f"{source}: added token {entry.get('content')!r} sets {unsupported}; "
                          "only plain added tokens (lstrip/rstrip/single_word false) are supported")
-    return AddedToken(entry["content"], int(entry["id"] if token_id is None else token_id),
+    return AddedToken(entry["content"], int(token_id),
                       special=bool(entry.get("special", True)), normalized=bool(entry.get("normalized", False)))
+
+
+def _is_int(value) -> bool:
+    """An integer id, as JSON gives it (an int) or as a JSON object key spells it (digits)."""
+    return type(value) is int or (isinstance(value, str) and value.isdigit())
 
 
 def _read_vocab_json(path: Path):
     """(ranks, added tokens) of a vocab.json checkpoint; added tokens come from tokenizer_config.json
     `added_tokens_decoder` and added_tokens.json."""
-    vocab = _read_json(path / "vocab.json")
-    ranks = {token_to_bytes(token): rank for token, rank in vocab.items()}
+    ranks = _ranks(_read_json(path / "vocab.json"), path / "vocab.json")
     added = {}
     config_file = path / "tokenizer_config.json"
     if config_file.is_file():
-        for token_id, entry in (_read_json(config_file).get("added_tokens_decoder") or {}).items():
+        decoder = _read_json(config_file).get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise ValueError(f"{config_file}: added_tokens_decoder is a {type(decoder).__name__}; expected an object")
+        for token_id, entry in decoder.items():
             token = _added_token(entry, config_file, token_id)
             added[token.content] = token
     added_file = path / "added_tokens.json"
     if added_file.is_file():
         for content, token_id in _read_json(added_file).items():
+            if not _is_int(token_id):
+                raise ValueError(f"{added_file}: {content!r} has id {token_id!r}; expected an integer id")
+            token_id = int(token_id)
             if content in added and added[content].id != token_id:
                 raise ValueError(f"{added_file}: {content!r} has id {token_id} but tokenizer_config.json "
                                  f"gives {added[content].id}; expected the same id in both")
@@ -356,6 +389,8 @@ def _read_eos_pad(path: Path, ranks: dict[bytes, int], added: list[AddedToken]):
             token = token.get("content")
         if token is None:
             return None
+        if not isinstance(token, str):
+            raise ValueError(f"{source}: special token {token!r} is not a string")
         if token in by_content:
             return by_content[token]
         if all(c in _CHAR_TO_BYTE for c in token) and token_to_bytes(token) in ranks:
@@ -368,17 +403,19 @@ def _read_eos_pad(path: Path, ranks: dict[bytes, int], added: list[AddedToken]):
     pad_id = token_id(config.get("pad_token"), config_file)
     for name in ("generation_config.json", "config.json"):
         model_config = _read_json(path / name) if (path / name).is_file() else {}
-        eos_id = eos_id if eos_id is not None else _first_id(model_config.get("eos_token_id"))
-        pad_id = pad_id if pad_id is not None else _first_id(model_config.get("pad_token_id"))
+        eos_id = eos_id if eos_id is not None else _first_id(model_config.get("eos_token_id"), path / name)
+        pad_id = pad_id if pad_id is not None else _first_id(model_config.get("pad_token_id"), path / name)
     if eos_id is None:
         eos_id = by_content.get("<|endoftext|>")
     return eos_id, pad_id if pad_id is not None else eos_id
 
 
-def _first_id(value) -> int | None:
-    if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+def _first_id(value, source) -> int | None:
+    """A token id field that may be a list (the first one counts) or absent."""
+    first = (value[0] if value else None) if isinstance(value, list) else value
+    if first is not None and type(first) is not int:
+        raise ValueError(f"{source}: token id {value!r} is not an integer")
+    return first
 
 
 # ---- validation and merges ------------------------------------------------------------------------------

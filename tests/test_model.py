@@ -211,7 +211,9 @@ def test_missing_and_misshaped_tensors_are_named(hf_checkpoint):
     with pytest.raises(ValueError) as err:
         Transformer.from_pretrained(path)
     assert "missing tensor model.layers.2.mlp.up_proj.weight (expected shape (128, 64))" in str(err.value)
-    assert "model.layers.0.self_attn.q_proj.weight has shape (3, 64), expected (64, 64)" in str(err.value)
+    assert ("model.layers.0.self_attn.q_proj.weight in model.safetensors has shape (3, 64), expected (64, 64)"
+            in str(err.value))
+    assert "\n" not in str(err.value)  # one line, as the command line prints it
 
 
 def test_bad_prompts_are_rejected(tmp_path):
