@@ -166,7 +166,12 @@ def attention_probs(q, k, mask):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for the whole generation: (B, Hkv, T_max, D) each."""
+    """Keys and values of every layer, preallocated for the whole generation: (B, Hkv, T_max, D) each.
+
+    dtype is the compute dtype (Transformer.compute_dtype): bf16 under bf16 autocast, where the
+    attention kernels round k and v to bf16 anyway, so an fp32 cache would double its memory and
+    change no result.
+    """
 
     def __init__(self, config: Qwen3Config, batch_size: int, max_len: int, dtype, device):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
@@ -311,6 +316,14 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.embed_tokens.weight.dtype
 
+    @property
+    def compute_dtype(self):
+        """The dtype matmuls and attention run in here: autocast's when it is on, else the weights'."""
+        device_type = self.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.dtype
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
@@ -418,7 +431,7 @@ class Transformer(nn.Module):
         elif seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-        cache = KVCache(self.config, B, longest + max_new_tokens, self.dtype, device)
+        cache = KVCache(self.config, B, longest + max_new_tokens, self.compute_dtype, device)
 
         positions = positions_from_mask(key_valid[:, :longest])
         logits = self._decode(ids, positions, key_valid[:, :longest], cache)
