@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -32,13 +33,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from distributed import (MODES, broadcast_parameters, full_state_dict, gathered, is_main, launched_rank,
-                         launched_world_size, parallel_mode, setup, teardown)
-from model import Qwen3Config, Transformer, atomic_directory, save_state_dict
+from distributed import (MODES, all_reduce_sum, broadcast_parameters, full_state_dict, gathered, is_main,
+                         launched_rank, launched_world_size, parallel_mode, setup, teardown)
+from model import (DamagedFile, Qwen3Config, Transformer, atomic_directory, newest_sound_directory, open_safetensors,
+                   read_json, save_state_dict, write_state_dict)
 from plots import draw_rhythm, plot_compare, plot_curves
 from rl import GRPO, RLConfig, _choice, _int_at_least, _number, _require, check_world_size
 from sft import warmup
@@ -335,26 +336,77 @@ def read_jsonl_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "trainer_state.safetensors", "progress.json")
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit codes as a shell reports a signal's death
+
+
 def save_checkpoint(out: Path, model, tokenizer, trainer: GRPO, progress: dict):
     """out/checkpoint: weights (HF layout), tokenizer, trainer state and progress, swapped in whole.
 
+    The previous checkpoint stays beside it as checkpoint.prev, so a checkpoint damaged later (a
+    full disk, a copy cut short) still leaves one to resume from (find_checkpoint).
     Every rank calls it (the weights and AdamW state are gathered whole to rank 0); rank 0 writes.
     """
     weights, state = full_state_dict(model), trainer.state_dict()
     if not is_main():
         return
-    with atomic_directory(out / "checkpoint") as staging:
-        save_state_dict(staging, weights, model.config)
+    with atomic_directory(out / "checkpoint", keep_previous=True) as staging:
+        write_state_dict(staging, weights, model.config)
         tokenizer.save_pretrained(staging)
         save_file(state, staging / "trainer_state.safetensors")
         (staging / "progress.json").write_text(json.dumps(progress, indent=2))
 
 
+def find_checkpoint(out: Path, quiet: bool = False) -> Path:
+    """The newest checkpoint of the run in out that verifies (checkpoint/, or the copy a crash
+    during its swap left: checkpoint.tmp sealed, or checkpoint.prev); says which, and why newer
+    ones were passed over. DamagedFile when none verifies."""
+    ckpt, passed_over = newest_sound_directory(out / "checkpoint", required=CHECKPOINT_FILES)
+    if not quiet:
+        for reason in passed_over:
+            print(f"resume: skipping a checkpoint: {reason}", file=sys.stderr)
+        print(f"resume: from {ckpt} (step {read_progress(ckpt)['step']})", file=sys.stderr)
+    return ckpt
+
+
+def read_progress(ckpt: Path) -> dict:
+    progress = read_json(ckpt / "progress.json")
+    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int):
+        raise DamagedFile(f"{ckpt / 'progress.json'} is damaged: no integer 'step'")
+    return progress
+
+
 def load_trainer_state(path: Path, with_moments: bool) -> dict:
     """trainer_state.safetensors; ranks other than 0 skip the AdamW moments (rank 0 broadcasts them)."""
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         return {key: f.get_tensor(key) for key in f.keys()
                 if with_moments or not key.startswith("optim.") or key.endswith(".lr")}
+
+
+class StopRequest:
+    """SIGINT / SIGTERM during training: finish the current step, checkpoint, then exit.
+
+    Under torchrun every rank may get the signal at a different step, so the ranks agree (a sum
+    over ranks) before they stop together."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in STOP_SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def agreed(self) -> bool:
+        return all_reduce_sum(torch.tensor([float(self.signum is not None)])).item() > 0
 
 
 def save_model(path: Path, model, tokenizer):
@@ -375,7 +427,7 @@ def prepare_out(out: Path, resume: bool):
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
 
 
-def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path | None = None,
+def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: Path | None = None,
           quiet: bool = False, parallel: str | None = None) -> dict:
     """Warm-up (from scratch) or load (--init), then GRPO with periodic eval and checkpoints.
 
@@ -394,10 +446,10 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
     quiet = quiet or not main_rank
     torch.manual_seed(run.seed)
     task = load_task(run)
-    ckpt = out / "checkpoint"
     progress = {}
     if resume:
-        progress = json.loads((ckpt / "progress.json").read_text())
+        ckpt = resume
+        progress = read_progress(ckpt)
         model = Transformer.from_pretrained(ckpt, device=device)
         tokenizer = Tokenizer.from_pretrained(ckpt)
     elif run.init:
@@ -444,24 +496,34 @@ def train(run: RunConfig, rl: RLConfig, resume: bool = False, warm_start: Path |
 
     bar = tqdm(range(progress["step"], run.steps), desc=f"GRPO ({rl.strategy})", disable=quiet,
                initial=progress["step"], total=run.steps)
-    for step in bar:
-        batch = [task.train[i] for i in data_order(len(task.train), step, rl.prompts_per_step, run.seed)]
-        lr = trainer.set_lr_for_step(step, run.steps)
-        with precision(device):
-            metrics = trainer.step(batch)
-        if main_rank:
-            log({"kind": "train", **metrics, "lr": lr, "step": step + 1})
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}")
-        progress["step"] = step + 1
-        if (step + 1) % run.eval_every == 0 or step + 1 == run.steps:
+    with StopRequest() as stop:
+        for step in bar:
+            batch = [task.train[i] for i in data_order(len(task.train), step, rl.prompts_per_step, run.seed)]
+            lr = trainer.set_lr_for_step(step, run.steps)
             with precision(device):
-                result = trainer.evaluate(eval_examples)
+                metrics = trainer.step(batch)
             if main_rank:
-                log({"kind": "eval", "step": step + 1, **result})
-            progress["best_accuracy"] = max(progress["best_accuracy"], result["accuracy"])
-            progress["accuracy_after_rl"] = result["accuracy"]
-        if (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
-            save_checkpoint(out, model, tokenizer, trainer, progress)
+                log({"kind": "train", **metrics, "lr": lr, "step": step + 1})
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}")
+            progress["step"] = step + 1
+            if (step + 1) % run.eval_every == 0 or step + 1 == run.steps:
+                with precision(device):
+                    result = trainer.evaluate(eval_examples)
+                if main_rank:
+                    log({"kind": "eval", "step": step + 1, **result})
+                progress["best_accuracy"] = max(progress["best_accuracy"], result["accuracy"])
+                progress["accuracy_after_rl"] = result["accuracy"]
+            stopping = stop.agreed() and step + 1 < run.steps  # on the last step, just finish
+            if (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps or stopping:
+                save_checkpoint(out, model, tokenizer, trainer, progress)
+            if stopping:
+                bar.close()
+                if main_rank:
+                    log.close()
+                    print(f"stopped by a signal after step {step + 1} of {run.steps}; checkpoint saved. "
+                          f"Continue with: python train.py --resume {out}", file=sys.stderr)
+                teardown()
+                sys.exit(STOP_SIGNALS.get(stop.signum, STOP_SIGNALS[signal.SIGTERM]))
 
     save_model(out / "model", model, tokenizer)
     with precision(device), gathered(model):
@@ -573,16 +635,17 @@ def main(argv=None):
 def resume_run(out: Path, parallel: str | None = None, steps: int | None = None):
     """Continue the run in out; steps (optional) moves its end, e.g. to extend a finished run (a
     decaying lr, min_lr_ratio < 1, then follows its schedule over the new number of steps)."""
-    config_file, ckpt = out / "run_config.json", out / "checkpoint" / "progress.json"
-    if not config_file.is_file() or not ckpt.is_file():
-        raise UsageError(f"--resume {out}: no run_config.json and checkpoint/progress.json there to resume from")
-    run, rl = config_from_json(json.loads(config_file.read_text()))
+    config_file = out / "run_config.json"
+    if not config_file.is_file() or not any(out.glob("checkpoint*")):
+        raise UsageError(f"--resume {out}: no run_config.json and checkpoint/ there to resume from")
+    run, rl = config_from_json(read_json(config_file))
     run = replace(run, out=str(out), steps=run.steps if steps is None else steps)
-    done = json.loads(ckpt.read_text())["step"]
+    ckpt = find_checkpoint(out, quiet=launched_rank() != 0)
+    done = read_progress(ckpt)["step"]
     if run.steps <= done:
         raise UsageError(f"--resume {out}: the checkpoint is at step {done} of {run.steps}; "
                          f"give --steps > {done} to train further")
-    return train(run, rl, resume=True, parallel=parallel)
+    return train(run, rl, resume=ckpt, parallel=parallel)
 
 
 if __name__ == "__main__":
