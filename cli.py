@@ -9,7 +9,6 @@ the field to the flag the user typed.
 """
 
 import argparse
-import json
 import os
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from attention_metrics import LAYER_CHOICES
+from model import read_json
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # e.g. Qwen/Qwen3-0.6B-Base
 HUB_FILES = ["*.json", "*.safetensors", "vocab.json", "merges.txt"]
@@ -109,10 +109,7 @@ def checkpoint_dir(init: str) -> Path:
 def model_depth(path: Path) -> int:
     """num_hidden_layers from path/config.json, read before any weights so --layers is checked first."""
     config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{config_file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    config = read_json(config_file)
     depth = config.get("num_hidden_layers") if isinstance(config, dict) else None
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise UsageError(f"{config_file}: num_hidden_layers must be an int >= 1, got {depth!r}")

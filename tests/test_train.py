@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -113,7 +114,7 @@ BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "
        "unknown-credit", "bad-q", "bad-lr", "bad-gamma", "bad-alpha", "bad-k", "bad-window", "bad-h-hi",
        "bad-temperature", "bad-clip", "bad-kl", "bad-steps", "layers-beyond-depth", "init-nonexistent",
        "compare-seeds-0", "compare-bad-credit", "analyze-num-prompts-0", "analyze-temperature",
-       "analyze-layers-beyond"]
+       "analyze-layers-beyond", "init-truncated-weights", "init-config-not-json"]
 # --grad-accum 0 and --jobs 0 join this list once those flags exist (other branches add them)
 
 
@@ -124,6 +125,17 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
     bad_jsonl.write_text('{"question": "1+1?", "answer": "#### 2"}\n{not json\n')
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+
+    def damaged_copy(part):
+        copy = tmp_path / f"damaged-{part}"
+        shutil.copytree(tiny_checkpoint, copy)
+        if part == "weights":
+            weights = copy / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:1000])
+        else:
+            (copy / "config.json").write_text('{"model_type": "qwen3",, }')
+        return copy
+
     args, expected = {
         "not-a-checkpoint": (["--init", tmp_path], "no config.json"),
         "missing-data": (["--init", tiny_checkpoint, "--task", "gsm8k", "--data", tmp_path / "nope.jsonl"],
@@ -151,6 +163,8 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "analyze-num-prompts-0": (["analyze", "--init", tiny_checkpoint, "--num-prompts", "0"], "--num-prompts"),
         "analyze-temperature": (["analyze", "--init", tiny_checkpoint, "--temperature", "-1"], "--temperature"),
         "analyze-layers-beyond": (["analyze", "--init", tiny_checkpoint, "--layers", "5"], "the model has 2 layers"),
+        "init-truncated-weights": (["--init", damaged_copy("weights")], "model.safetensors is damaged"),
+        "init-config-not-json": (["--init", damaged_copy("config")], "config.json is not valid JSON"),
     }[case]
     if case != "unwritable-out":
         args = [*args, "--out", out]
