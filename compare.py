@@ -1,10 +1,19 @@
-"""Statistics of a paired comparison of credit strategies (issue 12, section 1; the runner is unfinished).
+"""Statistics and report of a paired comparison of credit strategies (`python train.py compare`;
+train.compare runs the runs, this module only reads their results).
 
 Runs are paired by seed: every strategy of a seed starts from the same warm-up and sees the same
 prompts, so the per-seed difference "strategy final - baseline final" cancels the seed's luck.
 The interval is the 95% Student t-interval over seeds: mean ± t_{0.975, n-1} * sd / sqrt(n).
 scipy is not a dependency, so the t quantile comes from bisection on the t CDF, written with the
 regularized incomplete beta function (continued fraction, modified Lentz method).
+The evaluation's own noise is the binomial standard error of one held-out accuracy, at the mean
+final accuracy of all runs: two runs whose finals differ by less than about 2 of those are not
+told apart by one evaluation.
+
+compare.json: {"baseline", "seeds", "eval_problems", "binomial_se", "interval", "strategies": {name:
+{"per_seed": [{"seed", "before", "final", "best"}] in percent, "curve": {"steps", "mean", "low",
+"high"} (EMA of best, min-max over seeds), and for every strategy but the baseline "delta": {"mean",
+"ci_low", "ci_high", "wins", "seeds", "per_seed"} of final minus the baseline's final, in points}}}.
 """
 
 import math
@@ -89,3 +98,61 @@ def paired_delta(differences, confidence=CONFIDENCE):
 def binomial_se(p, n_eval):
     """Standard error of one held-out accuracy p over n_eval problems, in points: 100 * sqrt(p(1-p)/n)."""
     return 100 * math.sqrt(p * (1 - p) / n_eval)
+
+
+def summarize(results: dict, baseline: str, eval_problems: int) -> dict:
+    """The comparison as compare.json holds it.
+
+    results: {strategy: {seed: {"before", "final", "best": accuracy in [0, 1], "steps": [...],
+    "accuracy": [...] (the held-out curve)}}}, every strategy with the same seeds.
+    """
+    seeds = sorted(results[baseline])
+    strategies = {}
+    for name, runs in results.items():
+        if sorted(runs) != seeds:
+            raise ValueError(f"strategy {name} has seeds {sorted(runs)}, the baseline {seeds}: runs are paired by seed")
+        curves = [[100 * v for v in ema_of_best(runs[s]["accuracy"])] for s in seeds]
+        entry = {"per_seed": [{"seed": s, "before": 100 * runs[s]["before"], "final": 100 * runs[s]["final"],
+                               "best": 100 * runs[s]["best"]} for s in seeds],
+                 "curve": {"steps": runs[seeds[0]]["steps"], "mean": [sum(c) / len(c) for c in zip(*curves)],
+                           "low": [min(c) for c in zip(*curves)], "high": [max(c) for c in zip(*curves)]}}
+        if name != baseline:
+            entry["delta"] = paired_delta([100 * (runs[s]["final"] - results[baseline][s]["final"]) for s in seeds])
+        strategies[name] = entry
+    finals = [run["final"] for runs in results.values() for run in runs.values()]
+    return {"baseline": baseline, "seeds": seeds, "eval_problems": eval_problems,
+            "binomial_se": binomial_se(sum(finals) / len(finals), eval_problems),
+            "interval": f"{CONFIDENCE:.0%} Student t-interval over seeds of the paired differences",
+            "strategies": strategies}
+
+
+def _number(x, digits=1):
+    return "n/a" if x is None else f"{x:+.{digits}f}" if digits < 0 else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    """compare.md: one row per strategy, then the per-seed finals."""
+    seeds, base = report["seeds"], report["baseline"]
+    lines = [f"Held-out accuracy (%), {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+             f"{report['eval_problems']} problems per evaluation; baseline: {base}.",
+             f"Delta = final minus the baseline's final on the same seed, in points; interval: {report['interval']}. "
+             f"Binomial standard error of one evaluation: {report['binomial_se']:.1f} points.", "",
+             "| strategy | after warm-up | final (mean ± sd) | best | delta vs baseline | 95% CI | seeds won |",
+             "|---|---|---|---|---|---|---|"]
+    for name, entry in report["strategies"].items():
+        finals = [r["final"] for r in entry["per_seed"]]
+        mean = sum(finals) / len(finals)
+        sd = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) if len(finals) > 1 else None
+        before = sum(r["before"] for r in entry["per_seed"]) / len(finals)
+        best = sum(r["best"] for r in entry["per_seed"]) / len(finals)
+        delta = entry.get("delta")
+        cells = [name, f"{before:.1f}", f"{mean:.1f} ± {_number(sd)}", f"{best:.1f}",
+                 "baseline" if delta is None else f"{delta['mean']:+.1f}",
+                 "" if delta is None else
+                 ("n/a (one seed)" if delta["ci_low"] is None else f"[{delta['ci_low']:+.1f}, {delta['ci_high']:+.1f}]"),
+                 "" if delta is None else f"{delta['wins']} of {delta['seeds']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| strategy | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for name, entry in report["strategies"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['final']:.1f}" for r in entry["per_seed"]) + " |")
+    return "\n".join(lines) + "\n"

@@ -253,27 +253,20 @@ def draw_rhythm(model, tokenizer, trainer, examples, out: Path, rl: RLConfig, h_
     return written
 
 
-def ema_of_best(values, a=0.3):
-    """The paper's curve smoothing: EMA_t = a * max(x_t, EMA_{t-1}) + (1 - a) * EMA_{t-1}."""
-    smoothed = []
-    for x in values:
-        smoothed.append(x if not smoothed else a * max(x, smoothed[-1]) + (1 - a) * smoothed[-1])
-    return smoothed
-
-
-def plot_compare(curves: dict, path: Path):
-    """compare.png: each strategy's held-out accuracy curves (one per seed), smoothed as in the paper."""
+def plot_compare(report: dict, path: Path):
+    """compare.png: each strategy's held-out accuracy (EMA of best, as in the paper), the mean over
+    seeds as a line and the min-max over seeds as a band (compare.summarize's curves)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, credit in enumerate(list(curves)):
-        for j, (steps, accs) in enumerate(curves[credit]):
-            ax.plot(steps, [100 * v for v in ema_of_best(accs)], color=f"C{i}", alpha=0.8,
-                    label=credit if j == 0 else None)
+    for i, (name, entry) in enumerate(report["strategies"].items()):
+        curve = entry["curve"]
+        ax.plot(curve["steps"], curve["mean"], color=f"C{i}", label=f"{name} (mean of {len(report['seeds'])} seeds)")
+        ax.fill_between(curve["steps"], curve["low"], curve["high"], color=f"C{i}", alpha=0.2)
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel("held-out accuracy % (EMA of best, as in the paper)")
+    ax.set_ylabel("held-out accuracy %, EMA of best (band: min-max over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -44,6 +44,7 @@ from plots import draw_rhythm, plot_compare, plot_curves
 from rl import GRPO, RLConfig, _choice, _int_at_least, _number, _require, check_world_size
 from sft import warmup
 from tasks import make_task
+from compare import markdown, summarize
 from tokenizer import Tokenizer
 from cli import (Parser, UsageError, check_layers, check_writable, checkpoint_dir, ensure_writable, flag_error,  # noqa: F401
                  model_depth, parse_layers, pick_device)
@@ -549,42 +550,106 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
 # compare: several credit strategies x seeds, identical data
 
 
-def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, parallel: str | None = None):
+def warm_start_model(run: RunConfig, path: Path):
+    """The supervised warm-up of a scratch run (the one train() would do for run.seed), saved to path."""
+    torch.manual_seed(run.seed)
+    task = load_task(run)
+    tokenizer = Tokenizer.byte_level()
+    model = scratch_model(run, tokenizer)
+    warmup(model, tokenizer, task, run.sft_steps, run.sft_batch, run.sft_lr, seed=run.seed, progress=False)
+    save_model(path, model, tokenizer)
+
+
+def finished(run: RunConfig, rl: RLConfig) -> bool:
+    """A run folder that holds a finished run of exactly this configuration (compare skips it)."""
+    out = Path(run.out)
+    try:
+        return (out / "summary.json").is_file() and read_json(out / "run_config.json") == json.loads(json.dumps(config_json(run, rl)))
+    except (DamagedFile, OSError):
+        return False
+
+
+def compare_job(job: dict) -> str:
+    """One job of compare, in its own process: a warm-up or a whole run (resumed when a checkpoint
+    of it exists). CPU threads and the GPU are the job's share, set before any work."""
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    if job["gpu"] is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(job["gpu"])
+    run, rl = job["run"], job["rl"]
+    if rl is None:
+        warm_start_model(run, Path(run.out))
+        return run.out
+    if finished(run, rl):
+        return run.out
+    out = Path(run.out)
+    try:
+        resume = find_checkpoint(out, quiet=True) if (out / "run_config.json").is_file() else None
+    except DamagedFile:
+        resume = None
+    train(run, rl, resume=resume, warm_start=job["warm"], quiet=True)
+    return run.out
+
+
+def run_jobs(jobs: list[dict], workers: int, desc: str):
+    """Run compare_job over jobs, `workers` at a time in fresh processes (or here when 1), with a bar."""
+    if workers == 1:
+        for job in tqdm(jobs, desc=desc):
+            compare_job(job)
+        return
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+        for _ in tqdm(pool.imap_unordered(compare_job, jobs), total=len(jobs), desc=desc):
+            pass
+
+
+def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, jobs: int = 1,
+            parallel: str | None = None) -> dict:
+    """Every strategy in credits on seeds run.seed .. run.seed + seeds - 1, paired by seed.
+
+    Paired: the strategies of a seed start from one warm-up (scratch models: warm-up-seed<S>/, made
+    once) and see the same prompts in the same order (data_order depends on the seed only) and the
+    same evaluation problems. credits[0] is the baseline. Each run writes DIR/<strategy>-seed<S>/;
+    a rerun of the same command skips finished runs and resumes the others from their checkpoints.
+    jobs: runs side by side, each in its own process; on CPU each gets cores // jobs threads, with
+    several GPUs each job gets one (round robin). Writes compare.json, compare.md and compare.png.
+    """
     root = Path(run.out)
-    results = {c: [] for c in credits}
-    curves = {c: [] for c in credits}
-    for seed in range(run.seed, run.seed + seeds):
-        warm = root / f"warmup-seed{seed}" if run.init is None else None
-        for credit in credits:
-            sub = replace(run, out=str(root / f"{credit}-seed{seed}"), seed=seed)
-            summary = train(sub, replace(rl, strategy=credit, seed=seed), warm_start=warm, quiet=True,
-                            parallel=parallel)
-            if not is_main():
-                continue
-            results[credit].append(summary)
-            evals = [r for r in read_jsonl_records(Path(sub.out) / "metrics.jsonl") if r["kind"] == "eval"]
-            curves[credit].append(([r["step"] for r in evals], [r["accuracy"] for r in evals]))
-            print(f"  {credit:8s} seed {seed}: {summary['accuracy_before_rl']:.3f} -> "
-                  f"{summary['accuracy_after_rl']:.3f} (best {summary['best_accuracy']:.3f})")
+    seed_list = list(range(run.seed, run.seed + seeds))
+    gpus = torch.cuda.device_count() if pick_device(run.device).type == "cuda" else 0
+    threads = None if gpus else max(1, (os.cpu_count() or 1) // jobs)
+    if jobs == 1 or parallel:
+        threads = None  # in this process: keep its thread setting
+
+    def job(i, sub_run, sub_rl, warm):
+        return dict(run=sub_run, rl=sub_rl, warm=warm, threads=threads, gpu=i % gpus if gpus and jobs > 1 else None)
+
+    warm = {s: root / f"warmup-seed{s}" if run.init is None else None for s in seed_list}
+    todo = [job(i, replace(run, out=str(warm[s]), seed=s), None, None)
+            for i, s in enumerate(seed_list) if warm[s] is not None and not (warm[s] / "config.json").is_file()]
+    if is_main():
+        root.mkdir(parents=True, exist_ok=True)
+    run_jobs(todo, jobs, "warm-ups")
+    runs = [(credit, s, replace(run, out=str(root / f"{credit}-seed{s}"), seed=s), replace(rl, strategy=credit, seed=s))
+            for s in seed_list for credit in credits]
+    run_jobs([job(i, sub_run, sub_rl, warm[s]) for i, (_, s, sub_run, sub_rl) in enumerate(runs)], jobs, "runs")
     if not is_main():
-        return None
-    rows = []
-    for credit in credits:
-        final = torch.tensor([s["accuracy_after_rl"] for s in results[credit]]) * 100
-        best = torch.tensor([s["best_accuracy"] for s in results[credit]]) * 100
-        before = torch.tensor([s["accuracy_before_rl"] for s in results[credit]]) * 100
-        spread = (lambda t: t.std().item() if t.numel() > 1 else 0.0)
-        rows.append(dict(credit=credit, before=before.mean().item(), final=final.mean().item(),
-                         final_std=spread(final), best=best.mean().item(), best_std=spread(best), seeds=seeds))
-    lines = ["| credit | warm-up acc | final acc | best acc | seeds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['credit']} | {r['before']:.1f} | {r['final']:.1f} ± {r['final_std']:.1f} | "
-              f"{r['best']:.1f} ± {r['best_std']:.1f} | {r['seeds']} |" for r in rows]
-    table = "\n".join(lines)
+        return {}
+    results = {credit: {} for credit in credits}
+    for credit, s, sub_run, _ in runs:
+        summary = read_json(Path(sub_run.out) / "summary.json")
+        evals = [r for r in read_jsonl_records(Path(sub_run.out) / "metrics.jsonl") if r["kind"] == "eval"]
+        results[credit][s] = dict(before=summary["accuracy_before_rl"], final=summary["accuracy_after_rl"],
+                                  best=summary["best_accuracy"], steps=[r["step"] for r in evals],
+                                  accuracy=[r["accuracy"] for r in evals])
+    report = summarize(results, credits[0], len(load_task(run).test[:run.eval_size]))
+    report["settings"] = config_json(run, rl)
+    table = markdown(report)
     print(table)
-    (root / "compare.md").write_text(table + "\n")
-    (root / "compare.json").write_text(json.dumps(rows, indent=2))
-    plot_compare(curves, root / "compare.png")
-    return rows
+    (root / "compare.md").write_text(table)
+    (root / "compare.json").write_text(json.dumps(report, indent=2))
+    plot_compare(report, root / "compare.png")
+    return report
 
 
 # -----------------------------------------------------------------------------
@@ -607,6 +672,8 @@ def main(argv=None):
                         help="under torchrun: ddp (replicas, the default) or fsdp (sharded model and AdamW state)")
     if command == "compare":
         parser.add_argument("--seeds", type=int, default=3)
+        parser.add_argument("--jobs", type=int, default=1,
+                            help="runs side by side, each in its own process (CPU: the cores are split between them)")
     args = parser.parse_args(argv)
     try:
         parallel = parallel_mode(args.dist)
@@ -625,8 +692,12 @@ def main(argv=None):
                 raise flag_error(e, FIELD_FLAGS) from None
         if args.seeds < 1:
             raise UsageError(f"--seeds {args.seeds}: seeds must be >= 1")
+        if args.jobs < 1 or (args.jobs > 1 and parallel):
+            raise UsageError(f"--jobs {args.jobs}: jobs must be >= 1, and 1 under torchrun")
+        if len(set(credits)) != len(credits):
+            raise UsageError(f"--credit {','.join(credits)}: each strategy once")
         preflight(run, rl)
-        return compare(run, rl, credits, args.seeds, parallel)
+        return compare(run, rl, credits, args.seeds, args.jobs, parallel)
     run, rl = resolve(args)
     preflight(run, rl)
     return train(run, rl, parallel=parallel)

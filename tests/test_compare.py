@@ -1,10 +1,16 @@
-"""compare.py statistics against hand-computed values."""
+"""compare: statistics against hand-computed values, and one real paired smoke comparison."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from compare import binomial_se, ema_of_best, paired_delta, t_quantile
+from compare import binomial_se, ema_of_best, markdown, paired_delta, summarize, t_quantile
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)])
@@ -42,3 +48,54 @@ def test_ema_of_best_hand_case():
 
 def test_binomial_se():
     assert binomial_se(0.3, 512) == pytest.approx(100 * math.sqrt(0.21 / 512))
+
+
+def test_summarize_pairs_by_seed_with_hand_computed_deltas():
+    def run(before, final, best, curve):
+        return dict(before=before, final=final, best=best, steps=[0, 2, 4], accuracy=curve)
+
+    results = {"none": {0: run(0.1, 0.20, 0.25, [0.1, 0.3, 0.2]), 1: run(0.2, 0.30, 0.30, [0.2, 0.1, 0.3])},
+               "coupled": {0: run(0.1, 0.25, 0.25, [0.1, 0.2, 0.25]), 1: run(0.2, 0.28, 0.32, [0.2, 0.32, 0.28])}}
+    report = summarize(results, "none", eval_problems=100)
+    coupled = report["strategies"]["coupled"]
+    expected = [{"seed": 0, "before": 10.0, "final": 25.0, "best": 25.0},
+                {"seed": 1, "before": 20.0, "final": 28.0, "best": 32.0}]
+    assert [pytest.approx(r) for r in expected] == coupled["per_seed"]
+    # differences +5 and -2 points: mean 1.5, sd 4.95, t_{0.975,1} = 12.706
+    half = 12.7062 * math.sqrt(24.5) / math.sqrt(2)
+    assert coupled["delta"]["mean"] == pytest.approx(1.5)
+    assert coupled["delta"]["ci_low"] == pytest.approx(1.5 - half, rel=1e-4)
+    assert coupled["delta"]["ci_high"] == pytest.approx(1.5 + half, rel=1e-4)
+    assert (coupled["delta"]["wins"], coupled["delta"]["seeds"]) == (1, 2)
+    assert "delta" not in report["strategies"]["none"]
+    # EMA of best per seed: [10, 16, 17.2] and [20, 20, 23]; band = min-max over seeds
+    assert report["strategies"]["none"]["curve"]["mean"] == pytest.approx([15, 18, 20.1])
+    assert report["strategies"]["none"]["curve"]["low"] == pytest.approx([10, 16, 17.2])
+    mean_final = (0.20 + 0.30 + 0.25 + 0.28) / 4
+    assert report["binomial_se"] == pytest.approx(100 * math.sqrt(mean_final * (1 - mean_final) / 100))
+    table = markdown(report)
+    assert "| coupled | 15.0 | 26.5 ± 2.1 | 28.5 | +1.5 |" in table and "1 of 2" in table
+    with pytest.raises(ValueError, match="paired by seed"):
+        summarize({"none": {0: results["none"][0]}, "coupled": results["coupled"]}, "none", 100)
+
+
+def test_smoke_compare_is_paired_parallel_and_skips_finished_runs(tmp_path):
+    out = tmp_path / "cmp"
+    command = [sys.executable, str(ROOT / "train.py"), "compare", "--smoke", "--credit", "none,random",
+               "--seeds", "2", "--seed", "5", "--jobs", "2", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    report = json.loads((out / "compare.json").read_text())
+    assert report["baseline"] == "none" and report["seeds"] == [5, 6]
+    assert [r["seed"] for r in report["strategies"]["random"]["per_seed"]] == [5, 6]
+    assert set(report["strategies"]["random"]["delta"]) >= {"mean", "ci_low", "ci_high", "wins", "seeds"}
+    assert (out / "compare.md").is_file() and (out / "compare.png").stat().st_size > 0
+    for seed in (5, 6):
+        first = [[json.loads(line) for line in (out / f"{c}-seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+                 for c in ("none", "random")]
+        # one warm-up per seed: the same held-out accuracy before RL, the same first rollouts
+        assert first[0][0] == first[1][0] and first[0][0]["kind"] == "eval"
+        assert first[0][1]["reward_mean"] == first[1][1]["reward_mean"]
+        assert first[0][1]["response_length"] == first[1][1]["response_length"]
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-seed*/summary.json")}
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*-seed*/summary.json")} == stamps  # nothing reran
