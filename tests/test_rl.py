@@ -475,3 +475,23 @@ def test_entropy_credit_ranks_by_the_sampled_distribution():
         assert torch.equal(gamma, credit_gamma("entropy", entropy=tempered[i, -R:], q=trainer.config.q))
         differ += not torch.equal(gamma, credit_gamma("entropy", entropy=plain[i, -R:], q=trainer.config.q))
     assert differ > 0  # untempered entropy would have picked other tokens
+
+
+def test_train_flags_grad_accum_gamma_norm_prompts_per_step():
+    from train import Parser, UsageError, add_rl_flags, add_run_flags, resolve
+
+    def config(*argv):
+        p = Parser()
+        add_run_flags(p)
+        add_rl_flags(p)
+        return resolve(p.parse_args(["--smoke", *argv]))[1]
+
+    rl = config("--prompts-per-step", "2", "--group-size", "8", "--grad-accum", "4", "--gamma-norm", "mean")
+    assert (rl.rollout_batch_size, rl.micro_batch_size, rl.grad_accum, rl.gamma_norm) == (16, 8, 4, "mean")
+    assert config().grad_accum == 1 and config().gamma_norm == "none"
+    with pytest.raises(UsageError, match="--rollout-batch \\(responses\\) or --prompts-per-step \\(prompts\\), not both"):
+        config("--prompts-per-step", "4", "--rollout-batch", "16")
+    with pytest.raises(UsageError, match="--prompts-per-step must be >= 1"):
+        config("--prompts-per-step", "0")
+    with pytest.raises(UsageError, match="grad_accum \\(3\\) must be >= 1 and divide micro_batch_size"):
+        config("--grad-accum", "3")
