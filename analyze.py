@@ -21,7 +21,7 @@ Project defaults (the paper is silent on these; they are decided here, in one pl
   train.py run (run_config.json beside the model folder) the Countdown test set of that run is
   used, with its seed and prompt style; otherwise Countdown in the TinyZero style, seed 0.
 - Perturbation positions (Table 1): among the response tokens whose FAI future set T(s) is
-  non-empty (all but the last H_lo, whose FAI is 0 by convention rather than by attention), the
+  non-empty (all but the last H_lo, whose FAI is undefined, NaN), the
   3 highest-FAI and the 3 lowest-FAI positions (stable sort: ties toward the earlier position;
   the two sets never overlap; a response with fewer than 2 such tokens is skipped).
 - Alternatives: the k = 3 most likely next tokens other than the original one, the stop tokens
@@ -110,14 +110,15 @@ def jaccard(a, b):
 def select_positions(fai, num_positions=PERTURB_POSITIONS, tail=FAI_H_LO):
     """Table 1 positions of one response: (high-FAI positions, low-FAI positions), each ascending.
 
-    Candidates are all response indices but the last `tail` (their FAI is 0 by convention); the
+    Candidates are the response indices whose FAI is defined (not NaN: T(s) non-empty) before the
+    last `tail` (H_lo: the same tokens, for FAI lists that mark them otherwise); the
     n = min(num_positions, candidates // 2) highest and, among the rest, the n lowest FAI values,
     ties toward the earlier position.
     """
     values = [float(x) for x in fai]
-    candidates = max(0, len(values) - tail)
-    n = min(num_positions, candidates // 2)
-    by_high = sorted(range(candidates), key=lambda i: -values[i])  # Python's sort is stable
+    candidates = [i for i in range(max(0, len(values) - tail)) if not math.isnan(values[i])]
+    n = min(num_positions, len(candidates) // 2)
+    by_high = sorted(candidates, key=lambda i: -values[i])  # Python's sort is stable
     top = by_high[:n]
     bottom = sorted(by_high[n:], key=lambda i: values[i])[:n]
     return sorted(top), sorted(bottom)

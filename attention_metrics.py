@@ -15,17 +15,24 @@ One sequence = prompt followed by response; the response starts at index `start`
 end. R = N - start is the response length; every token-level metric has one entry per response token.
 
 Project defaults (PAPER.md "Project default" lines, plus the decisions taken in this file):
-  - FAI_s = 0 where its future set T(s) is empty (the last H_lo response tokens).
-  - TopQ selects ceil(q * R) tokens (with a 1e-9 float tolerance, so ceil(0.4 * 5) = 2), highest
-    scores first, ties toward the earlier position; bottom=True takes the lowest, ties again
-    toward the earlier position.
-  - Delta_t = |WAAD_t - WAAD_{t+1}|, Delta of the last response token = 0.
+  - Undefined scores are NaN and take part in no selection. FAI_s is NaN where its future set T(s)
+    is empty (the last H_lo response tokens; this replaces PAPER.md's earlier "FAI_s = 0" default,
+    whose placeholder zeros always won a bottom-q selection), and so is receiver FAI. Delta of the
+    last response token is NaN (it has no successor). WAAD and entropy are defined on every token,
+    so the entropy and random strategies select among all R tokens.
+  - TopQ selects ceil(q * R_def) of the R_def tokens whose score is defined (with a 1e-9 float
+    tolerance, so ceil(0.4 * 5) = 2), highest scores first, ties toward the earlier position;
+    bottom=True takes the lowest, ties again toward the earlier position.
+  - Delta_t = |WAAD_t - WAAD_{t+1}| (Eq. 14).
   - Coupled credit: tau_waad = lower median of the response's WAAD (torch.median); tau_Delta = the
     smallest Delta inside T_loc; the window t-k..t-1 is clipped to the response (the first response
-    token is never locally dominated); intro(t) = the position of the largest Delta in that window,
-    ties to the latest position; the three terms of Eq. 19 add up and I(D) is a set. With
-    bottom=True both T_loc and T_glob are bottom-q selections (and tau_Delta is the smallest Delta
-    of that bottom T_loc).
+    token is never locally dominated) and ignores undefined Deltas; intro(t) = the position of the
+    largest Delta in that window, ties to the latest position; the three terms of Eq. 19 add up and
+    I(D) is a set. With bottom=True both T_loc and T_glob are bottom-q selections (and tau_Delta is
+    the smallest Delta of that bottom T_loc).
+  - Token entropy is that of softmax(logits / temperature): GRPO passes its sampling temperature,
+    so the entropy strategy ranks by the distribution the tokens were drawn from; the default 1.0
+    (the analysis) is the model's own, untempered distribution.
   - Head groups (Eq. 8): each group has max(1, round_half_up(frac * H)) heads (at most H); heads
     are sorted by span with a stable sort, so equal spans keep the lower head index first. In
     rhythm_signals the groups are formed per sequence over all (layer, head) pairs of the chosen
@@ -39,11 +46,15 @@ Project defaults (PAPER.md "Project default" lines, plus the decisions taken in 
     is the excess kurtosis of those vertical scores over the response tokens that have any such
     row (undefined, ranked last, when the scores are flat to 1e-6 relative); the top_k heads
     (default: as many as a head group) are the receiver heads. Ties keep the lower index first.
-  - Peaks (Table 2): x_t > x_{t-1} and x_t >= x_{t+1}, with a missing neighbour at either end
-    counting as -inf, and x_t >= the ceil(0.2 * R)-th largest value of that sequence. "Right after"
-    a WAAD peak w = a position p with 1 <= p - w <= 3 ("at" = p == w).
-  - Coupling statistics are pooled over tokens of all responses (each peak / token counts once),
-    the shuffled baseline is averaged over NUM_SHUFFLES seeded draws.
+  - Peaks (Table 2): x_t > x_{t-1} and x_t >= x_{t+1}, with a missing or undefined (NaN) neighbour
+    counting as -inf, and x_t >= the ceil(0.2 * R_def)-th largest defined value of that sequence; a
+    NaN entry is never a peak. "Right after" a WAAD peak w = a position p with 1 <= p - w <= 3
+    ("at" = p == w).
+  - Coupling statistics are pooled over tokens of all responses (each peak / token counts once).
+    The FAI baselines use the same eligible tokens as the observed values: the share of global-FAI
+    peaks is over the tokens whose global and receiver FAI are both defined, and the shuffled FAI
+    peaks are drawn among the tokens whose global FAI is defined, averaged over NUM_SHUFFLES seeded
+    draws.
 """
 
 import math
@@ -114,11 +125,15 @@ def _check_window(window, h_lo, h_hi):
         raise ValueError(f"h_hi must be None or an int >= h_lo ({h_lo}), got {h_hi!r}")
 
 
-def _check_scores(x, name):
+def _check_scores(x, name, allow_nan=False):
+    """A 1-D float score per response token; with allow_nan, NaN marks a token without a score."""
     if not torch.is_tensor(x) or x.dim() != 1:
         raise ValueError(f"{name} must be a 1-D tensor with one score per response token")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    ok = torch.isfinite(x)
+    if allow_nan:
+        ok |= torch.isnan(x)
+    if not bool(ok.all()):
+        raise ValueError(f"{name} must be finite (no inf{'' if allow_nan else ' or NaN'})")
     return x.float()
 
 
@@ -203,7 +218,7 @@ def _fai_counts(n, start, h_lo, h_hi, device=None):
 
 
 def _fai_maps(maps, start, h_lo, h_hi):
-    """Eq. 10 for each map of maps (H, N, N) -> (H, R), FAI = 0 where T(s) is empty."""
+    """Eq. 10 for each map of maps (H, N, N) -> (H, R), NaN where T(s) is empty."""
     n = maps.size(-1)
     off = _offsets(n, maps.device)
     keep = (off >= h_lo) & (torch.arange(n, device=maps.device) >= start)[None, :]  # (t, s)
@@ -211,12 +226,13 @@ def _fai_maps(maps, start, h_lo, h_hi):
         keep &= off <= h_hi
     sums = (maps.float() * keep).sum(-2)[:, start:]  # column sums over the rows of T(s)
     counts = _fai_counts(n, start, h_lo, h_hi, maps.device)
-    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
 
 
 def fai(a_glob, start, h_lo=FAI_H_LO, h_hi=FAI_H_HI):
     """Eq. 10: FAI_s = mean of Abar_glob[t, s] over t in T(s) = [s + H_lo, s + H_hi] (clipped to the
-    response); h_hi=None runs to the end of the response; 0 where T(s) is empty. (N, N) -> (R,)."""
+    response); h_hi=None runs to the end of the response; NaN (undefined) where T(s) is empty.
+    (N, N) -> (R,)."""
     _check_window(1, h_lo, h_hi)
     if not torch.is_tensor(a_glob) or a_glob.dim() != 2:
         raise ValueError("a_glob must be one aggregated map (N, N)")
@@ -224,22 +240,29 @@ def fai(a_glob, start, h_lo=FAI_H_LO, h_hi=FAI_H_HI):
     return _fai_maps(a_glob[None], operator.index(start), h_lo, h_hi)[0]
 
 
-def _entropy_of_logits(logits):
-    """Shannon entropy (nats) of softmax(logits) along the last dim, in fp32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def _entropy_of_logits(logits, temperature=1.0):
+    """Shannon entropy (nats) of softmax(logits / temperature) along the last dim, in fp32."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     p = logp.exp()
     return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
 
 
-def token_entropy(logits, start):
-    """Entropy of the distribution each response token was drawn from. (N, V) -> (R,).
+def token_entropy(logits, start, temperature=1.0):
+    """Entropy of the distribution each response token was drawn from, softmax(logits / temperature)
+    (temperature 1.0: the model's own, untempered distribution). (N, V) -> (R,).
 
     Response token i (position start + i) was sampled from logits row start + i - 1, so start >= 1.
     """
     if not torch.is_tensor(logits) or logits.dim() != 2:
         raise ValueError("logits must be (N, V)")
     _check_start(start, logits.size(0), minimum=1)
-    return _entropy_of_logits(logits[operator.index(start) - 1:-1])
+    _check_temperature(temperature)
+    return _entropy_of_logits(logits[operator.index(start) - 1:-1], temperature)
+
+
+def _check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
 
 
 def excess_kurtosis(x, dim=-1):
@@ -295,20 +318,22 @@ def receiver_heads(attn, start, top_k=None, band=RECEIVER_BAND):
 
 
 def top_q(scores, q=CREDIT_Q, bottom=False):
-    """TopQ: bool mask (R,) of the ceil(q * R) highest scores (lowest with bottom=True); ties toward
-    the earlier position."""
-    scores = _check_scores(scores, "scores")
+    """TopQ: bool mask (R,) of the ceil(q * R_def) highest of the R_def defined scores (lowest with
+    bottom=True); ties toward the earlier position. A NaN score (undefined) is never selected."""
+    scores = _check_scores(scores, "scores", allow_nan=True)
     _check_frac(q, "q")
     chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    order = torch.sort(scores, descending=not bottom, stable=True).indices
-    chosen[order[: _ceil_frac(q, scores.numel())]] = True
+    defined = torch.nonzero(~torch.isnan(scores)).flatten()  # ascending, so the stable sort keeps ties early
+    order = defined[torch.sort(scores[defined], descending=not bottom, stable=True).indices]
+    chosen[order[: _ceil_frac(q, defined.numel())]] = True
     return chosen
 
 
 def waad_deltas(waad_scores):
-    """Eq. 14: Delta_t = |WAAD_t - WAAD_{t+1}|, 0 for the last response token. (R,) -> (R,)."""
+    """Eq. 14: Delta_t = |WAAD_t - WAAD_{t+1}|; NaN (undefined) for the last response token.
+    (R,) -> (R,)."""
     w = _check_scores(waad_scores, "waad")
-    delta = torch.zeros_like(w)
+    delta = torch.full_like(w, float("nan"))
     delta[:-1] = (w[:-1] - w[1:]).abs()
     return delta
 
@@ -317,11 +342,12 @@ def coupled_selection(waad_scores, fai_scores, q=CREDIT_Q, k=COUPLE_K, bottom=Fa
     """The token sets of Eq. 15-19 as bool masks (R,): t_loc, t_glob, dominated (D), intro (I(D)).
 
     An anchor t is locally dominated when WAAD_t <= tau_waad and the largest Delta in the window
-    t-k..t-1 (clipped to the response) is >= tau_Delta; its intro token is the position of that
-    largest Delta (ties: the latest).
+    t-k..t-1 (clipped to the response, undefined Deltas left out) is >= tau_Delta; its intro token
+    is the position of that largest Delta (ties: the latest). Tokens whose FAI or Delta is NaN are
+    in neither T_glob nor T_loc.
     """
     w = _check_scores(waad_scores, "waad")
-    f = _check_scores(fai_scores, "fai")
+    f = _check_scores(fai_scores, "fai", allow_nan=True)
     if w.numel() != f.numel():
         raise ValueError(f"waad and fai must have the same length, got {w.numel()} and {f.numel()}")
     if not isinstance(k, int) or k < 1:
@@ -336,7 +362,8 @@ def coupled_selection(waad_scores, fai_scores, q=CREDIT_Q, k=COUPLE_K, bottom=Fa
         return dict(t_loc=t_loc, t_glob=t_glob, dominated=dominated, intro=intro)
     tau_waad = torch.median(w)  # lower median
     tau_delta = delta[t_loc].min()
-    padded = torch.cat([torch.full((k,), float("-inf"), device=w.device), delta])  # (k + R,)
+    known = torch.nan_to_num(delta, nan=float("-inf"))  # an undefined Delta never wins a window
+    padded = torch.cat([torch.full((k,), float("-inf"), device=w.device), known])  # (k + R,)
     windows = padded.unfold(0, k, 1)[:R]  # (R, k): windows[t] = Delta[t-k .. t-1]
     latest_first = windows.flip(-1)  # argmax picks the first maximum: flipping makes it the latest
     best = latest_first.max(-1)
@@ -352,14 +379,17 @@ def credit_gamma(strategy, waad=None, fai=None, entropy=None, q=CREDIT_Q, gamma_
 
     none: 1 everywhere (plain GRPO); random: a random ceil(q * R) tokens get gamma_amp (bottom is
     ignored; generator seeds it); entropy: TopQ by token entropy; local: Eq. 14-15, TopQ by Delta;
-    global: Eq. 16-17, TopQ by FAI; coupled: Eq. 18-19 (see coupled_selection).
+    global: Eq. 16-17, TopQ by FAI; coupled: Eq. 18-19 (see coupled_selection). fai may hold NaN
+    where it is undefined (as rhythm_signals returns it); such tokens, and the last token for
+    Delta, are never selected, and q is a share of the tokens that have the score. random and
+    entropy are defined on every token.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown credit strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     _check_frac(q, "q")
     _check_frac(alpha, "alpha")
     given = {name: x for name, x in (("waad", waad), ("fai", fai), ("entropy", entropy)) if x is not None}
-    given = {name: _check_scores(x.detach(), name) for name, x in given.items()}
+    given = {name: _check_scores(x.detach(), name, allow_nan=name == "fai") for name, x in given.items()}
     if len({x.numel() for x in given.values()}) > 1:
         sizes = ", ".join(f"{name}={x.numel()}" for name, x in given.items())
         raise ValueError(f"waad, fai and entropy must have one entry per response token; got lengths {sizes}")
@@ -396,15 +426,18 @@ def credit_gamma(strategy, waad=None, fai=None, entropy=None, q=CREDIT_Q, gamma_
 
 
 def find_peaks(x, top_frac=PEAK_TOP_FRAC):
-    """Peak positions (long) of a 1-D signal: x_t > x_{t-1} and x_t >= x_{t+1} (a missing neighbour
-    is -inf) and x_t at least the ceil(top_frac * R)-th largest value."""
-    x = _check_scores(x, "x")
+    """Peak positions (long) of a 1-D signal: x_t > x_{t-1} and x_t >= x_{t+1} (a missing or NaN
+    neighbour is -inf) and x_t at least the ceil(top_frac * R_def)-th largest of the R_def defined
+    values. A NaN entry (undefined) is never a peak."""
+    x = _check_scores(x, "x", allow_nan=True)
     _check_frac(top_frac, "top_frac", low_open=True)
-    if x.numel() == 0:
+    defined = x[~torch.isnan(x)]
+    if defined.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
+    x = torch.nan_to_num(x, nan=float("-inf"))
     edge = torch.full((1,), float("-inf"), device=x.device)
     left, right = torch.cat([edge, x[:-1]]), torch.cat([x[1:], edge])
-    threshold = torch.sort(x, descending=True).values[_ceil_frac(top_frac, x.numel()) - 1]
+    threshold = torch.sort(defined, descending=True).values[_ceil_frac(top_frac, defined.numel()) - 1]
     return torch.nonzero((x > left) & (x >= right) & (x >= threshold)).flatten()
 
 
@@ -430,10 +463,14 @@ def coupling_stats(records, k=PEAK_AFTER_K, top_frac=PEAK_TOP_FRAC, num_shuffles
       entropy_at_waad_peaks: mean entropy over all WAAD peaks of all responses vs the mean
         entropy over all response tokens (count = number of WAAD peaks);
       receiver_peaks_in_global: share of receiver-FAI peaks that are also global-FAI peaks vs the
-        share of global-FAI peaks among all tokens (count = number of receiver-FAI peaks);
+        share of global-FAI peaks among the tokens whose global and receiver FAI are both defined
+        (count = number of receiver-FAI peaks);
       fai_peaks_after_waad: share of global-FAI peaks at or 1..k after a WAAD peak vs the same share
-        with each response's FAI peak positions drawn uniformly without replacement, averaged over
-        num_shuffles draws from generator (default: torch.Generator seeded with seed).
+        with each response's FAI peak positions drawn uniformly without replacement among its
+        tokens whose global FAI is defined, averaged over num_shuffles draws from generator
+        (default: torch.Generator seeded with seed).
+    FAI values may be NaN where undefined (empty T(s), as rhythm_signals returns them); waad and
+    entropy must be finite.
     lift = (observed - random) / random (NaN when random is 0 or undefined).
     """
     if not isinstance(records, (list, tuple)) or not records:
@@ -453,7 +490,7 @@ def coupling_stats(records, k=PEAK_AFTER_K, top_frac=PEAK_TOP_FRAC, num_shuffles
                                         ("entropy", rec.get("entropy"))) if x is None]
         if missing:
             raise ValueError(f"record {i} lacks {', '.join(missing)}")
-        w, fg, fr, ent = (_check_scores(x.detach().cpu(), name) for name, x in (
+        w, fg, fr, ent = (_check_scores(x.detach().cpu(), name, allow_nan=name.startswith("fai")) for name, x in (
             ("waad", rec["waad"]), ("fai_global", fai_global), ("fai_receiver", rec["fai_receiver"]),
             ("entropy", rec["entropy"])))
         R = w.numel()
@@ -464,13 +501,15 @@ def coupling_stats(records, k=PEAK_AFTER_K, top_frac=PEAK_TOP_FRAC, num_shuffles
         ent_all.append(ent)
         recv_peaks += rp.numel()
         recv_in_glob += int(torch.isin(rp, gp).sum())
-        glob_peaks += gp.numel()
-        tokens += R
+        both = ~torch.isnan(fg) & ~torch.isnan(fr)  # where a token can be a peak of either FAI
+        glob_peaks += int(both[gp].sum())
+        tokens += int(both.sum())
         near = _near_after(wp, R, k)
         fai_peaks += gp.numel()
         fai_hits += int(near[gp].sum())
+        eligible = torch.nonzero(~torch.isnan(fg)).flatten()
         for d in range(num_shuffles):
-            drawn = torch.randperm(R, generator=generator)[: gp.numel()]
+            drawn = eligible[torch.randperm(eligible.numel(), generator=generator)[: gp.numel()]]
             shuffled_hits[d] += near[drawn].sum()
     nan = float("nan")
     ent_at_peaks, ent_all = torch.cat(ent_at_peaks), torch.cat(ent_all)
@@ -666,23 +705,25 @@ def _lean_tiles(q, k, key_valid, first, window, h_lo, h_hi, band):
             _scatter_band(recv_sum, probs, recv_plan, r0)
     counts = _fai_counts(T, first, h_lo, h_hi, dev)  # (M,): |T(s)| depends on s and T only
     out = dict(span=span, waad=waad_h,
-               fai=torch.where(counts > 0, fai_sum / counts.clamp(min=1), torch.zeros_like(fai_sum)))
+               fai=torch.where(counts > 0, fai_sum / counts.clamp(min=1), torch.full_like(fai_sum, float("nan"))))
     if band is not None:
         out["vertical"] = recv_sum / _fai_counts(T, first, band, None, dev).clamp(min=1)
     return out
 
 
-def _entropy_lean(logits):
-    """Entropy of softmax(logits) (m, V) -> (m,) in four passes, overwriting logits:
-    H = log Z - sum_v e_v z_v / Z with z = logits - max, e = exp(z), Z = sum e."""
+def _entropy_lean(logits, temperature=1.0):
+    """Entropy of softmax(logits / temperature) (m, V) -> (m,) in four passes, overwriting logits:
+    H = log Z - sum_v e_v z_v / Z with z = logits / temperature - max, e = exp(z), Z = sum e."""
     z = logits.float()
+    if temperature != 1:
+        z /= temperature
     z -= z.amax(-1, keepdim=True)
     e = z.exp()
     Z = e.sum(-1)
     return Z.log() - (e[:, None, :] @ z[:, :, None])[:, 0, 0] / Z
 
 
-def _response_entropy(model, h, starts):
+def _response_entropy(model, h, starts, temperature):
     """Entropy of the distribution each response token was drawn from, for every row of the batch:
     token t comes from lm_head(h[b, t - 1]). h (B, T, C) -> list of (R_b,).
 
@@ -694,7 +735,7 @@ def _response_entropy(model, h, starts):
     first = torch.tensor(starts, device=h.device)[:, None] - 1
     rows = h[(pos >= first) & (pos < T - 1)]  # (sum R_b, C), row by row
     chunk = max(1, LOGIT_CHUNK_BYTES // (4 * model.config.vocab_size))
-    parts = [_entropy_lean(model.lm_head(rows[i:i + chunk])) for i in range(0, rows.size(0), chunk)]
+    parts = [_entropy_lean(model.lm_head(rows[i:i + chunk]), temperature) for i in range(0, rows.size(0), chunk)]
     entropy = torch.cat(parts) if parts else torch.zeros(0, device=h.device)
     return entropy.split([T - start for start in starts])
 
@@ -718,7 +759,7 @@ def _group_mean(per_pair, picked):
 
 
 def _lean_signals(model, h, qk, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
-                  receivers, receiver_band, receiver_top_k):
+                  receivers, receiver_band, receiver_top_k, temperature):
     """The lean path from the outputs of model.hidden_states (h (B, T, C), qk of the layers; qk is emptied)."""
     B, T = input_ids.shape
     H = model.config.num_attention_heads
@@ -727,7 +768,7 @@ def _lean_signals(model, h, qk, input_ids, starts, attention_mask, layers, heads
     key_valid = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
     if min(starts) == T:
         return [_empty_result(layers, P, dev, receivers) for _ in starts]
-    entropy = _response_entropy(model, h, starts)
+    entropy = _response_entropy(model, h, starts, temperature)
     n = group_size(P, frac)
     targeted = heads == "targeted"
     t_min = min(starts)
@@ -772,7 +813,7 @@ def _lean_signals(model, h, qk, input_ids, starts, attention_mask, layers, heads
 
 
 def _explicit_signals(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,
-                      receivers, receiver_band, receiver_top_k):
+                      receivers, receiver_band, receiver_top_k, temperature):
     logits, attn = model(input_ids, attn_layers=tuple(layers), attention_mask=attention_mask)
     T = input_ids.size(1)
     H = model.config.num_attention_heads
@@ -790,7 +831,7 @@ def _explicit_signals(model, input_ids, starts, attention_mask, layers, heads, w
         a_glob = maps[global_].mean(0) if heads == "targeted" else maps.mean(0)
         out = dict(waad=_waad_maps(a_loc[None], start, window)[0],
                    fai=_fai_maps(a_glob[None], start, h_lo, h_hi)[0],
-                   entropy=token_entropy(logits[b].float(), start), spans=spans,
+                   entropy=token_entropy(logits[b].float(), start, temperature), spans=spans,
                    local_heads=_pairs(local, H, layers), global_heads=_pairs(global_, H, layers),
                    layers=list(layers))
         if receivers:
@@ -804,7 +845,7 @@ def _explicit_signals(model, input_ids, starts, attention_mask, layers, heads, w
 
 def rhythm_signals(model, input_ids, starts, attention_mask=None, layers=None, heads="targeted",
                    window=WAAD_WINDOW, h_lo=FAI_H_LO, h_hi=FAI_H_HI, method="lean", frac=HEAD_GROUP_FRAC,
-                   receivers=False, receiver_band=RECEIVER_BAND, receiver_top_k=None):
+                   receivers=False, receiver_band=RECEIVER_BAND, receiver_top_k=None, temperature=1.0):
     """WAAD, FAI and entropy of every response in a left-padded batch, from one forward pass.
 
     input_ids (B, T); starts[b] = index (padded coordinates) of row b's first response token, the
@@ -814,22 +855,27 @@ def rhythm_signals(model, input_ids, starts, attention_mask=None, layers=None, h
     the chosen layers pooled) or "all" (every head of the chosen layers). method: "lean" (tiles of
     batch rows x query rows computed from q and k, all chosen layers at once, never an (N, N) map
     per head) or "explicit" (maps from the model, the reference). receivers=True adds
-    receiver-head FAI (costs one more column sum per tile).
+    receiver-head FAI (costs one more column sum per tile). temperature: the entropy is that of
+    softmax(logits / temperature), the distribution sampled at that temperature (1.0, the default:
+    the model's own, untempered distribution).
 
     Returns a list (one per row) of dicts, tensors detached and fp32 on the input's device:
-      waad, fai, entropy: (R,) with R = T - starts[b];
+      waad, fai, entropy: (R,) with R = T - starts[b]; fai is NaN where T(s) is empty (the last
+        h_lo tokens: no score, so no selection takes them), waad and entropy are finite;
       spans: (L*H,) head spans (Eq. 7) of the pooled pairs, pair p = (layers[p // H], p % H);
       local_heads, global_heads: (n, 2) long CPU tensors of the (layer, head) pairs of H_loc (lowest
         span first) and H_glob (highest span first); layers: the layer indices used (a list);
-      with receivers=True also fai_receiver (R,), receiver_heads (n, 2), receiver_kurtosis (L*H,).
+      with receivers=True also fai_receiver (R,) (NaN like fai), receiver_heads (n, 2),
+        receiver_kurtosis (L*H,).
     A row with an empty response (start == T) gets empty signals, NaN spans and empty groups.
     """
     if method not in ("lean", "explicit"):
         raise ValueError(f"method must be 'lean' or 'explicit', got {method!r}")
     layers, starts = _check_signal_args(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi,
                                         frac, receiver_band, receiver_top_k)
+    _check_temperature(temperature)
     args = (input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac, receivers, receiver_band,
-            receiver_top_k)
+            receiver_top_k, temperature)
     with torch.no_grad():
         if method == "explicit":
             return _explicit_signals(model, *args)
@@ -839,7 +885,7 @@ def rhythm_signals(model, input_ids, starts, attention_mask=None, layers=None, h
 
 def rhythm_signals_from(model, h, qk, input_ids, starts, attention_mask=None, layers=None, heads="targeted",
                         window=WAAD_WINDOW, h_lo=FAI_H_LO, h_hi=FAI_H_HI, frac=HEAD_GROUP_FRAC, receivers=False,
-                        receiver_band=RECEIVER_BAND, receiver_top_k=None):
+                        receiver_band=RECEIVER_BAND, receiver_top_k=None, temperature=1.0):
     """rhythm_signals(method="lean") from a forward the caller has already run, so one forward can
     serve both the signals and something else: GRPO takes its old log-probs from the same h.
 
@@ -856,9 +902,10 @@ def rhythm_signals_from(model, h, qk, input_ids, starts, attention_mask=None, la
         raise ValueError(f"qk lacks layers {missing}: run model.hidden_states(..., qk_layers={tuple(layers)})")
     if h.shape[:2] != input_ids.shape:
         raise ValueError(f"h must be (B, T, C) with (B, T) = {tuple(input_ids.shape)}, got {tuple(h.shape)}")
+    _check_temperature(temperature)
     with torch.no_grad():
         return _lean_signals(model, h, qk, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi,
-                             frac, receivers, receiver_band, receiver_top_k)
+                             frac, receivers, receiver_band, receiver_top_k, temperature)
 
 
 def _check_signal_args(model, input_ids, starts, attention_mask, layers, heads, window, h_lo, h_hi, frac,

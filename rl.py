@@ -11,7 +11,8 @@ One batch, start to finish, is `GRPO.step(examples)`:
              response token. Strategies "none" and "random" need no signals and run no forward here.
 4. update    (old log-probs are computed here instead when credit ran no forward), then the
              rollout batch is split into micro-batches and each micro-batch is one AdamW step on
-             `policy_loss`, the clipped surrogate of Eq. 12 with A~_t = gamma_t * A (Eq. 13).
+             `policy_loss`, the clipped surrogate of Eq. 12 with A~_t = gamma_t * A (Eq. 13); with
+             grad_accum K, a micro-batch's gradient is summed over K forward/backward chunks.
 
 The paper's comparisons (GRPO, random / entropy / local / global / coupled credit, bottom-q,
 signs, layers, heads) are all `RLConfig` fields; nothing else changes between them.
@@ -20,9 +21,13 @@ Project defaults (the paper is silent on these; they are decided here, in one pl
 - Group std is the unbiased sample std (divide by G - 1), as torch.std, TRL and verl do, so
   advantages match the common GRPO implementations. A group whose rewards are all equal gets
   advantage exactly 0.
-- The rollout batch is counted in responses: `rollout_batch_size` = prompts x G. The paper's
-  512 / 32 gives 16 optimizer steps per rollout batch; each micro-batch is one optimizer step
-  (no gradient accumulation), with the old log-probs fixed for the whole rollout batch.
+- The rollout batch is counted in responses: `rollout_batch_size` = prompts x G (ROLL's config
+  files count prompts; the paper does not say which its 512 counts). The paper's 512 / 32 gives 16
+  optimizer steps per rollout batch; each micro-batch of micro_batch_size responses is one
+  optimizer step, with the old log-probs fixed for the whole rollout batch. Memory is set apart by
+  grad_accum: a micro-batch runs as grad_accum equal chunks whose losses are scaled by their share
+  of it (responses for norm="sequence", tokens for norm="token"), so the summed gradient is
+  exactly the whole micro-batch's; the credit forward runs on chunks of the same size.
 - Old log-probs are recomputed by a no-grad forward of the current policy before any update
   (not taken from generate, whose KV-cache numerics differ; the mean gap is the metric
   `logp_gen_gap`). With signal-based credit (lean path) that forward is the credit forward, run
@@ -30,7 +35,11 @@ Project defaults (the paper is silent on these; they are decided here, in one pl
   noise of other padding (~1e-6); otherwise (none / random / explicit credit) the update runs it
   on its own micro-batches with its own code, and the ratio starts at exactly 1.
 - Log-probs are taken under softmax(logits / temperature), the distribution that was sampled
-  (temperature 1.0 in the paper, where this is plain softmax).
+  (temperature 1.0 in the paper, where this is plain softmax); so is the entropy that the entropy
+  credit strategy ranks by and the entropy bonus.
+- gamma_norm="mean" (not in the paper; off by default) divides each response's gamma by its mean
+  over the response's tokens after credit_gamma and before the sign rule, so a strategy changes
+  which tokens weigh more, never the response's total weight.
 - The response includes the stop token when one was emitted (the policy learns to stop); the
   text given to the reward does not include it.
 - `norm="sequence"` is the paper's 1/|o| then mean over responses; `norm="token"` is the mean
@@ -48,11 +57,13 @@ Several processes (torchrun; see distributed.py). `step` gets the same prompts o
 each rank rolls out a contiguous block of whole groups (group statistics never cross ranks),
 scores them and computes their credit. The ranks then exchange these compact rollouts, so each
 knows the whole batch, shuffle it with the same seed as one process would, and split every
-micro-batch of micro_batch_size responses into equal parts, one per rank; DDP / FSDP average the
-gradients. So N processes take the optimizer steps one process takes on the same data, up to
-floating-point summation order. Metrics are of the whole batch, identical on every rank.
+micro-batch of micro_batch_size responses into equal parts, one per rank (each rank's part into its
+grad_accum chunks); DDP / FSDP average the gradients. So N processes take the optimizer steps one
+process takes on the same data, up to floating-point summation order. Metrics are of the whole
+batch, identical on every rank.
 """
 
+import contextlib
 import copy
 import math
 import time
@@ -70,6 +81,7 @@ from distributed import (all_gather_objects, all_reduce_sum, gathered, is_distri
 from sft import lr_at
 
 NORMS = ("sequence", "token")
+GAMMA_NORMS = ("none", "mean")
 SIGNS = ("both", "positive", "negative")
 
 
@@ -81,6 +93,7 @@ class RLConfig:
     group_size: int = 4              # G responses per prompt
     rollout_batch_size: int = 16     # responses per step (prompts x G); paper: 512
     micro_batch_size: int = 8        # responses per optimizer step; paper: 32
+    grad_accum: int = 1              # forward/backward chunks per optimizer step (memory, not optimization)
     ppo_epochs: int = 1              # passes over the rollout batch with old log-probs fixed
     max_new_tokens: int = 64         # paper: 1024 (8192 for math)
     temperature: float = 1.0         # paper: 1.0
@@ -102,6 +115,7 @@ class RLConfig:
     k: int = 3
     alpha: float = 0.5
     bottom: bool = False             # bottom-q ablation
+    gamma_norm: str = "none"         # "none" (paper) or "mean": each response's gamma rescaled to mean 1
     credit_layers: str | tuple = "middle"   # five layers of a band: middle (paper) | all | top | bottom,
     #                                           or explicit layer indices (layer ablation)
     credit_heads: str = "targeted"   # "targeted" head groups, or "all" heads (ablation)
@@ -133,6 +147,10 @@ class RLConfig:
         _int_at_least("micro_batch_size", self.micro_batch_size, 1)
         _require(self.rollout_batch_size % self.micro_batch_size == 0, "micro_batch_size", self.micro_batch_size,
                  f"must divide rollout_batch_size ({self.rollout_batch_size})")
+        _int_at_least("grad_accum", self.grad_accum, 1)
+        _require(self.micro_batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
+                 f"must divide micro_batch_size ({self.micro_batch_size}): each optimizer step runs that many "
+                 f"equal chunks")
         _int_at_least("ppo_epochs", self.ppo_epochs, 1)
         _int_at_least("max_new_tokens", self.max_new_tokens, 1)
         _number("temperature", self.temperature, low=0, low_open=True,
@@ -145,6 +163,7 @@ class RLConfig:
         if self.clip_eps_high is not None:
             _number("clip_eps_high", self.clip_eps_high, low=0, low_open=True, why="(or None: = clip_eps)")
         _choice("norm", self.norm, NORMS)
+        _choice("gamma_norm", self.gamma_norm, GAMMA_NORMS)
         _number("adv_eps", self.adv_eps, low=0)
         _number("kl_coef", self.kl_coef, low=0)
         _number("entropy_coef", self.entropy_coef, low=0)
@@ -244,7 +263,7 @@ def _choice(field, value, allowed):
 
 def check_world_size(config: RLConfig, world_size: int):
     """The batch sizes must split evenly over world_size processes: whole groups per rank for the
-    rollout, equal parts of every micro-batch for the update."""
+    rollout, equal parts of every micro-batch for the update, each in grad_accum equal chunks."""
     if config.rollout_batch_size % (world_size * config.group_size):
         raise ValueError(f"rollout_batch_size ({config.rollout_batch_size}) must be a multiple of processes x "
                          f"group_size ({world_size} x {config.group_size} = {world_size * config.group_size}), "
@@ -252,6 +271,10 @@ def check_world_size(config: RLConfig, world_size: int):
     if config.micro_batch_size % world_size:
         raise ValueError(f"micro_batch_size ({config.micro_batch_size}) must be a multiple of the number of "
                          f"processes ({world_size}): each optimizer step splits its micro-batch evenly over them")
+    per_rank = config.micro_batch_size // world_size
+    if per_rank % config.grad_accum:
+        raise ValueError(f"grad_accum ({config.grad_accum}) must divide each process's share of the micro-batch "
+                         f"(micro_batch_size / processes = {config.micro_batch_size} / {world_size} = {per_rank})")
 
 
 # -----------------------------------------------------------------------------
@@ -287,6 +310,16 @@ def apply_sign(gamma: torch.Tensor, advantages: torch.Tensor, sign: str) -> torc
         return gamma
     keep = advantages > 0 if sign == "positive" else advantages < 0  # (B,)
     return torch.where(keep[:, None], gamma, torch.ones_like(gamma))
+
+
+def normalize_gamma(gamma: torch.Tensor, gamma_norm: str) -> torch.Tensor:
+    """gamma (R,) of one response under gamma_norm: "none" leaves it (the paper), "mean" divides it
+    by its mean over the response's tokens, so the tokens' total weight stays R whatever the
+    strategy (gamma >= 1, so the mean is >= 1). An empty response is returned as it is."""
+    _check_choice("gamma_norm", gamma_norm, GAMMA_NORMS)
+    if gamma_norm == "none" or gamma.numel() == 0:
+        return gamma
+    return gamma / gamma.mean()
 
 
 def _reduce(x: torch.Tensor, mask: torch.Tensor, norm: str) -> torch.Tensor:
@@ -536,8 +569,9 @@ class GRPO:
     # ---- credit ----
 
     def credit(self, roll: Rollout, seed: int, first: int = 0) -> float:
-        """Fill roll.gammas, one detached (R_b,) tensor per response (Eq. 14-19 via credit_gamma),
-        and, for signal strategies on the lean path, roll.old_logp from the same forward.
+        """Fill roll.gammas, one detached (R_b,) tensor per response (Eq. 14-19 via credit_gamma, then
+        normalize_gamma), and, for signal strategies on the lean path, roll.old_logp from the same
+        forward, run on chunks of micro_batch_size / grad_accum responses.
 
         Random credit draws response i's tokens with a generator seeded seed + first + i.
         Under FSDP the caller holds the model gathered (self.model's hidden_states then runs on
@@ -551,18 +585,21 @@ class GRPO:
             return 0.0
         kw = dict(q=cfg.q, gamma_amp=cfg.gamma_amp, k=cfg.k, alpha=cfg.alpha, bottom=cfg.bottom)
         if cfg.strategy == "random":
-            roll.gammas = [credit_gamma("random", waad=torch.zeros(n), **kw,
-                                        generator=torch.Generator().manual_seed(seed + first + i))
+            roll.gammas = [normalize_gamma(credit_gamma("random", waad=torch.zeros(n), **kw,
+                                                        generator=torch.Generator().manual_seed(seed + first + i)),
+                                           cfg.gamma_norm)
                            for i, n in enumerate(lengths)]
             return 0.0
         layers = cfg.credit_layers
         if isinstance(layers, str):
             layers = default_layers(self.model.config.num_hidden_layers, layers)
-        signal_kw = dict(layers=layers, heads=cfg.credit_heads, window=cfg.window, h_lo=cfg.h_lo, h_hi=cfg.h_hi)
+        # the entropy of the distribution that was sampled: softmax(logits / temperature)
+        signal_kw = dict(layers=layers, heads=cfg.credit_heads, window=cfg.window, h_lo=cfg.h_lo, h_hi=cfg.h_hi,
+                         temperature=cfg.temperature)
         gammas, old_logp, old_logp_time = [], [], 0.0
         self.model.eval()
         with torch.no_grad():
-            for rows in _chunks(range(len(lengths)), cfg.micro_batch_size):
+            for rows in _chunks(range(len(lengths)), cfg.micro_batch_size // cfg.grad_accum):
                 batch = self._batch(roll, rows)
                 ids, mask = batch["input_ids"], batch["attention_mask"]
                 if cfg.credit_method == "explicit":  # the reference path runs its own forward
@@ -576,8 +613,8 @@ class GRPO:
                     old_logp_time += time.perf_counter() - t0
                     signals = rhythm_signals_from(self.model, h, qk, ids, batch["starts"], mask, **signal_kw)
                 for s in signals:
-                    gammas.append(credit_gamma(cfg.strategy, waad=s["waad"], fai=s["fai"], entropy=s["entropy"], **kw)
-                                  .detach().float().cpu())
+                    gamma = credit_gamma(cfg.strategy, waad=s["waad"], fai=s["fai"], entropy=s["entropy"], **kw)
+                    gammas.append(normalize_gamma(gamma, cfg.gamma_norm).detach().float().cpu())
         roll.gammas, roll.old_logp = gammas, old_logp
         return old_logp_time
 
@@ -604,51 +641,74 @@ class GRPO:
         """Micro-batched clipped-surrogate updates with old log-probs fixed (one AdamW step each).
 
         roll is the whole rollout batch. Each micro-batch of micro_batch_size responses (seeded
-        shuffle) is split into world_size equal parts and this rank computes the loss of its part;
-        the wrapper averages the gradients over ranks. With norm="sequence" that average is the
-        mean over the whole micro-batch; with norm="token" each rank's loss is first scaled by
-        world_size x its tokens / the micro-batch's tokens, so it is the micro-batch's token mean.
-        Logged loss and token-mean diagnostics are those of the whole micro-batch. Old log-probs come
-        from the rollout when credit computed them, else from a forward here, timed as time_old_logp.
+        shuffle) is split into world_size equal parts and this rank's part into grad_accum equal
+        chunks, each one forward/backward; the wrapper averages the gradients over ranks. Every
+        chunk's loss is scaled by its share of the micro-batch, so the gradient summed over chunks
+        and averaged over ranks is exactly that of the micro-batch's loss: with norm="sequence" its
+        share of the rank's responses (the mean of per-response means), with norm="token"
+        world_size x its tokens / the micro-batch's tokens (the micro-batch's token mean). Then one
+        gradient clip and one AdamW step. Logged loss and token-mean diagnostics are those of the
+        whole micro-batch. Old log-probs come from the rollout when credit computed them, else from
+        a forward here on the same chunks, timed as time_old_logp.
         """
         cfg = self.config
         order = torch.randperm(len(roll.response_ids), generator=torch.Generator().manual_seed(seed)).tolist()
         part = cfg.micro_batch_size // self.world
+        size = part // cfg.grad_accum
         mine = [rows[self.rank * part:(self.rank + 1) * part] for rows in _chunks(order, cfg.micro_batch_size)]
-        batches = [self._batch(roll, rows, with_update_fields=True) for rows in mine]
+        micro = [[self._batch(roll, chunk, with_update_fields=True) for chunk in _chunks(rows, size)] for rows in mine]
+        chunks = [batch for batches in micro for batch in batches]
         self.policy.train()
         t0 = time.perf_counter()
         with torch.no_grad(), gathered(self.model):
-            for batch in batches:
+            for batch in chunks:
                 if "old_logp" not in batch:
                     batch["old_logp"], _ = self._logprobs(self.model, batch)
             old_logp_time = time.perf_counter() - t0
-            for batch in batches:
+            for batch in chunks:
                 batch["ref_logp"] = self._logprobs(self.ref_model, batch)[0] if self.ref_model is not None else None
-        tokens = torch.stack([b["response_mask"].sum() for b in batches])  # (n_micro,) this rank's
+        tokens = torch.stack([sum(b["response_mask"].sum() for b in batches) for batches in micro])  # (n_micro,)
         all_tokens = all_reduce_sum(tokens)  # (n_micro,) whole micro-batches
-        gap = sum(((b["old_logp"] - b["gen_logp"]).abs() * b["response_mask"]).sum() for b in batches)
+        gap = sum(((b["old_logp"] - b["gen_logp"]).abs() * b["response_mask"]).sum() for b in chunks)
         stats = {"logp_gen_gap": (all_reduce_sum(gap) / all_tokens.sum()).item(), "time_old_logp": old_logp_time}
 
         logs, grad_norms = [], []
         for _ in range(cfg.ppo_epochs):
-            for batch, n, n_all in zip(batches, tokens, all_tokens):
-                logp, entropy = self._logprobs(self.policy, batch, with_entropy=cfg.entropy_coef > 0)
-                loss, diag = policy_loss(logp, batch["old_logp"], batch["advantages"], batch["gamma"],
-                                         batch["response_mask"], cfg.clip_eps, cfg.clip_eps_high, cfg.norm, cfg.sign,
-                                         batch["ref_logp"], cfg.kl_coef, entropy, cfg.entropy_coef)
-                if cfg.norm == "token":
-                    loss = loss * (self.world * n / n_all)
+            for batches, n, n_all in zip(micro, tokens, all_tokens):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                log = {"loss": 0.0, "tokens": n.item()}
+                for i, batch in enumerate(batches):
+                    n_chunk = batch["response_mask"].sum()
+                    share = self.world * n_chunk / n_all if cfg.norm == "token" else len(batch["advantages"]) / part
+                    with self._grad_sync(last=i == len(batches) - 1):
+                        loss, diag = self._chunk_loss(batch)
+                        loss = loss * share
+                        loss.backward()
+                    log["loss"] += loss.item()
+                    for key, value in diag.items():  # token means -> token sums, summed over chunks
+                        log[key] = log.get(key, 0.0) + value * n_chunk.item()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 grad_norms.append(local_value(grad_norm).item())  # of the averaged gradient: same on all ranks
-                logs.append({"loss": loss.item(), **{key: value * n.item() for key, value in diag.items()},
-                             "tokens": n.item()})
+                logs.append(log)
         stats.update(_whole_batch_logs(logs, self.world))
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return stats
+
+    def _chunk_loss(self, batch: dict):
+        """policy_loss (Eq. 12-13) of one chunk under the config, from a forward of the policy."""
+        cfg = self.config
+        logp, entropy = self._logprobs(self.policy, batch, with_entropy=cfg.entropy_coef > 0)
+        return policy_loss(logp, batch["old_logp"], batch["advantages"], batch["gamma"], batch["response_mask"],
+                           cfg.clip_eps, cfg.clip_eps_high, cfg.norm, cfg.sign, batch["ref_logp"], cfg.kl_coef,
+                           entropy, cfg.entropy_coef)
+
+    def _grad_sync(self, last: bool):
+        """DDP all-reduces the accumulated gradient once, in the last chunk's backward. FSDP
+        reduce-scatters every chunk, which keeps the gradient sharded (the memory the chunks save)."""
+        if self.parallel == "ddp" and not last:
+            return self.policy.no_sync()
+        return contextlib.nullcontext()
 
     # ---- one step ----
 

@@ -118,8 +118,9 @@ DEMO = dict(run={}, rl=dict(group_size=8, rollout_batch_size=128, micro_batch_si
 SMOKE = dict(run=dict(steps=4, eval_every=2, checkpoint_every=2, eval_size=16, n_train=400, n_test=32, sft_steps=30,
                       n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, intermediate=128, rhythm_examples=1),
              rl=dict(group_size=4, rollout_batch_size=16, micro_batch_size=8, max_new_tokens=24))
-# The paper's setting (PAPER.md Section 4) scaled to one GPU: same group size, micro-batch and
-# 16 gradient steps per rollout batch, lr, temperature and response length; a quarter of the batch.
+# The paper's setting (PAPER.md Section 4) scaled to one GPU: the paper's 16 optimizer steps per rollout
+# batch (here 128 responses / micro-batch 8; the paper's 512 / 32), lr, temperature and response length.
+# Micro-batch and rollout batch are a quarter of the paper's (counting its 512 as responses; ROLL counts prompts).
 PAPER = dict(run=dict(num_numbers=4, max_number=99, max_target=100, prompt_style="tinyzero", steps=300,
                       eval_every=20, eval_size=512, checkpoint_every=20),
              rl=dict(group_size=8, rollout_batch_size=128, micro_batch_size=8, max_new_tokens=1024, lr=1e-6,
@@ -131,7 +132,8 @@ RL_FLAGS = dict(credit="strategy", bottom="bottom", q="q", gamma_amp="gamma_amp"
                 sign="sign", group_size="group_size", rollout_batch="rollout_batch_size",
                 micro_batch="micro_batch_size", ppo_epochs="ppo_epochs", lr="lr", max_new_tokens="max_new_tokens",
                 temperature="temperature", clip_eps="clip_eps", kl_coef="kl_coef", norm="norm",
-                lr_warmup_steps="lr_warmup_steps", min_lr_ratio="min_lr_ratio")
+                lr_warmup_steps="lr_warmup_steps", min_lr_ratio="min_lr_ratio", grad_accum="grad_accum",
+                gamma_norm="gamma_norm")
 FIELD_FLAGS = {field: flag for flag, field in RL_FLAGS.items()}  # a config error names the flag
 
 
@@ -169,7 +171,11 @@ def add_rl_flags(p, credit_type=str):
     p.add_argument("--sign", choices=["both", "positive", "negative"])
     p.add_argument("--group-size", dest="group_size", type=int)
     p.add_argument("--rollout-batch", dest="rollout_batch", type=int, help="responses per step (prompts x G)")
+    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int,
+                   help="prompts per step: sets --rollout-batch to N x group size")
     p.add_argument("--micro-batch", dest="micro_batch", type=int, help="responses per gradient step")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int,
+                   help="forward/backward chunks per gradient step (memory; the step is the same)")
     p.add_argument("--ppo-epochs", dest="ppo_epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--lr-warmup-steps", dest="lr_warmup_steps", type=int, help="linear lr warm-up (GRPO steps)")
@@ -180,6 +186,8 @@ def add_rl_flags(p, credit_type=str):
     p.add_argument("--clip-eps", dest="clip_eps", type=float)
     p.add_argument("--kl-coef", dest="kl_coef", type=float)
     p.add_argument("--norm", choices=["sequence", "token"])
+    p.add_argument("--gamma-norm", dest="gamma_norm", choices=["none", "mean"],
+                   help="mean: rescale each response's credit gamma to mean 1 (not in the paper)")
 
 
 def resolve(args) -> tuple[RunConfig, RLConfig]:
@@ -191,9 +199,16 @@ def resolve(args) -> tuple[RunConfig, RLConfig]:
         run_values.update(SMOKE["run"])
         rl_values.update(SMOKE["rl"])
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "prompts_per_step" in given and "rollout_batch" in given:
+        raise UsageError("give --rollout-batch (responses) or --prompts-per-step (prompts), not both")
     for flag, field in RL_FLAGS.items():
         if flag in given:
             rl_values[field] = given.pop(flag)
+    if "prompts_per_step" in given:
+        prompts = given.pop("prompts_per_step")
+        if prompts < 1:
+            raise UsageError(f"--prompts-per-step must be >= 1, got {prompts}")
+        rl_values["rollout_batch_size"] = prompts * rl_values["group_size"]
     run_names = {f.name for f in fields(RunConfig)}
     run_values.update({k: v for k, v in given.items() if k in run_names})
     if run_values.get("task", "countdown") != "countdown" and args.init is None:

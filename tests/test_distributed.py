@@ -77,12 +77,13 @@ def records(out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """ref: one process, 3 steps. ddp, fsdp: two processes, 2 steps. resumed: fsdp's run continued
-    to step 3 in one process (another process count and another wrapper)."""
+    """ref: one process, 3 steps. ddp, fsdp: two processes, 2 steps; ddp with --grad-accum 2 (each
+    rank's 4 responses of a micro-batch in 2 chunks: the same steps as ref). resumed: fsdp's run
+    continued to step 3 in one process (another process count and another wrapper)."""
     root = tmp_path_factory.mktemp("dist")
     out = SimpleNamespace(**{name: root / name for name in ("ref", "ddp", "fsdp")})
     run_ok(*RUN, "--steps", 3, "--out", out.ref)
-    run_ok(*RUN, "--steps", 2, "--dist", "ddp", "--out", out.ddp, processes=2)
+    run_ok(*RUN, "--steps", 2, "--dist", "ddp", "--grad-accum", 2, "--out", out.ddp, processes=2)
     run_ok(*RUN, "--steps", 2, "--dist", "fsdp", "--out", out.fsdp, processes=2)
     out.fsdp_at_2 = Transformer.from_pretrained(out.fsdp / "model")
     run_ok("--resume", out.fsdp, "--steps", 3)
@@ -166,6 +167,9 @@ def test_check_world_size():
         check_world_size(RLConfig(group_size=4, rollout_batch_size=8, micro_batch_size=8), 4)
     with pytest.raises(ValueError, match=r"micro_batch_size \(2\) must be a multiple .* \(4\)"):
         check_world_size(RLConfig(group_size=2, rollout_batch_size=16, micro_batch_size=2), 4)
+    check_world_size(RLConfig(group_size=4, rollout_batch_size=16, micro_batch_size=8, grad_accum=2), 2)
+    with pytest.raises(ValueError, match=r"grad_accum \(4\) must divide each process's share .* 8 / 4 = 2\)"):
+        check_world_size(RLConfig(group_size=4, rollout_batch_size=16, micro_batch_size=8, grad_accum=4), 4)
 
 
 def test_shard_range_blocks_cover_everything_once():
