@@ -68,8 +68,8 @@ def _signal_arrays(signals):
     for name in ("waad", "fai", "entropy"):
         if name not in signals:
             raise ValueError(f"signals lacks {name!r}: pass one dict of rhythm_signals()")
-    return {name: _check_scores(x.detach().cpu(), name) for name, x in signals.items()
-            if name in ("waad", "fai", "entropy", "fai_receiver")}
+    return {name: _check_scores(x.detach().cpu(), name, allow_nan=name.startswith("fai"))  # NaN: no T(s)
+            for name, x in signals.items() if name in ("waad", "fai", "entropy", "fai_receiver")}
 
 
 def plot_rhythm(path, signals, tokens=None, maps=None, q=CREDIT_Q, title=None):
@@ -162,11 +162,12 @@ def render_html(path, tokens, signals, gamma=None, q=CREDIT_Q, title="preplan-an
     rows = []
     for name, values, rgb in (("WAAD", s["waad"], "31,119,180"), ("FAI", s["fai"], "44,160,44"),
                               ("gamma", gamma, "214,39,40")):
-        lo, hi = (float(values.min()), float(values.max())) if R else (0.0, 0.0)
+        defined = values[~torch.isnan(values)]
+        lo, hi = (float(defined.min()), float(defined.max())) if defined.numel() else (0.0, 0.0)
         spans = []
         for i, tok in enumerate(tokens):
             v = float(values[i])
-            shade = (v - lo) / (hi - lo) if hi > lo else 0.0
+            shade = (v - lo) / (hi - lo) if hi > lo and v == v else 0.0  # v != v: NaN, a token without a score
             classes = " ".join(c for c, on in (("pre", bool(sel["t_loc"][i])), ("anc", bool(sel["t_glob"][i]))) if on)
             spans.append(f'<span class="{classes}" style="background:rgba({rgb},{0.08 + 0.8 * shade:.3f})" '
                          f'title="{name}={v:.4g}">{html.escape(tok)}</span>')

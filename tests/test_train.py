@@ -114,8 +114,7 @@ BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "
        "unknown-credit", "bad-q", "bad-lr", "bad-gamma", "bad-alpha", "bad-k", "bad-window", "bad-h-hi",
        "bad-temperature", "bad-clip", "bad-kl", "bad-steps", "layers-beyond-depth", "init-nonexistent",
        "compare-seeds-0", "compare-bad-credit", "analyze-num-prompts-0", "analyze-temperature",
-       "analyze-layers-beyond", "init-truncated-weights", "init-config-not-json"]
-# --grad-accum 0 and --jobs 0 join this list once those flags exist (other branches add them)
+       "analyze-layers-beyond", "init-truncated-weights", "init-config-not-json", "bad-grad-accum", "compare-jobs-0"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -163,6 +162,8 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "analyze-num-prompts-0": (["analyze", "--init", tiny_checkpoint, "--num-prompts", "0"], "--num-prompts"),
         "analyze-temperature": (["analyze", "--init", tiny_checkpoint, "--temperature", "-1"], "--temperature"),
         "analyze-layers-beyond": (["analyze", "--init", tiny_checkpoint, "--layers", "5"], "the model has 2 layers"),
+        "bad-grad-accum": (["--smoke", "--grad-accum", "0"], "--grad-accum 0: grad_accum must be >= 1"),
+        "compare-jobs-0": (["compare", "--smoke", "--jobs", "0"], "--jobs 0"),
         "init-truncated-weights": (["--init", damaged_copy("weights")], "model.safetensors is damaged"),
         "init-config-not-json": (["--init", damaged_copy("config")], "config.json is not valid JSON"),
     }[case]
