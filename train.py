@@ -399,6 +399,26 @@ def load_trainer_state(path: Path, with_moments: bool) -> dict:
                 if with_moments or not key.startswith("optim.") or key.endswith(".lr")}
 
 
+def check_trainer_state(state: dict, model, path: Path):
+    """DamagedFile unless the trainer state fits the model: its RNG and step count, and AdamW
+    moments of each named parameter's shape in fp32 (a wrong one would load silently or fail deep
+    inside torch)."""
+    for key in ("rng", "steps"):
+        if key not in state:
+            raise DamagedFile(f"{path} is damaged: it holds no {key!r}")
+    params = dict(model.named_parameters())
+    for key, tensor in state.items():
+        if not key.startswith("optim.") or key.endswith(".lr"):
+            continue
+        name, slot = key.removeprefix("optim.").rsplit(".", 1)
+        if name not in params:
+            raise DamagedFile(f"{path} is damaged: {key} belongs to no parameter of the model")
+        if slot in ("exp_avg", "exp_avg_sq") and (tuple(tensor.shape) != tuple(params[name].shape)
+                                                  or tensor.dtype != torch.float32):
+            raise DamagedFile(f"{path} is damaged: {key} is {tensor.dtype} {tuple(tensor.shape)}, the parameter "
+                              f"needs float32 {tuple(params[name].shape)}")
+
+
 class StopRequest:
     """SIGINT / SIGTERM during training: finish the current step, checkpoint, then exit.
 
@@ -496,7 +516,9 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
     trainer = GRPO(model, tokenizer, task, rl, parallel=parallel)
 
     if resume:
-        trainer.load_state_dict(load_trainer_state(ckpt / "trainer_state.safetensors", with_moments=main_rank))
+        state = load_trainer_state(ckpt / "trainer_state.safetensors", with_moments=main_rank)
+        check_trainer_state(state, model, ckpt / "trainer_state.safetensors")
+        trainer.load_state_dict(state)
         if main_rank:
             kept = [r for r in read_jsonl_records(metrics_file) if r["step"] <= progress["step"]]
             metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -7,6 +7,7 @@ metrics (wall-clock keys aside), as tests/test_train.py's kill-and-resume test c
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,3 +139,20 @@ def test_signal_checkpoints_the_current_step_and_says_how_to_resume(signum, code
     assert max(r["step"] for r in records(out) if r["kind"] == "train") == done
     train("--resume", out)
     assert records(out) == records(whole)
+
+
+def test_trainer_state_of_the_wrong_shape_is_named(tmp_path):
+    out = tmp_path / "run"
+    crash_during_swap(out, "after_rename")  # checkpoint/ at step 2
+    from safetensors.torch import load_file, save_file
+    state_file = out / "checkpoint" / "trainer_state.safetensors"
+    state = load_file(state_file)
+    key = next(k for k in state if k.endswith(".exp_avg"))
+    state[key] = state[key].flatten()[:-1].clone()
+    save_file(state, state_file)
+    (out / "checkpoint" / "manifest.json").unlink()  # as if written elsewhere: each file opens
+    shutil.rmtree(out / "checkpoint.prev")
+    failed = train("--resume", out, check=False)
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode == 2 and len(lines) == 1, failed.stderr[-2000:]
+    assert "trainer_state.safetensors is damaged" in lines[0] and key in lines[0]
