@@ -299,22 +299,7 @@ def resolve_model_dir(init):
             raise FileNotFoundError(f"no model at {DEFAULT_MODEL}: run `python train.py` first (it trains the demo "
                                     "model and writes it there), or pass --init <checkpoint directory>")
         return DEFAULT_MODEL
-    path = Path(init)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--init {init}: no config.json there; expected a Hugging Face Qwen3 checkpoint "
-                                    "directory such as the out/model that `python train.py` writes")
-        return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", init):  # looks like a hub id, e.g. Qwen/Qwen3-0.6B-Base
-        try:
-            return checkpoint_dir(init)
-        except UsageError:
-            raise
-        except Exception as e:
-            raise FileNotFoundError(f"--init {init}: no such directory, and downloading it from the Hugging Face hub "
-                                    f"failed ({type(e).__name__}: {e})") from None
-    raise FileNotFoundError(f"--init {init}: no such directory; run `python train.py` first or pass a Qwen3 "
-                            "checkpoint directory")
+    return checkpoint_dir(init)
 
 
 def read_run_config(model_dir):

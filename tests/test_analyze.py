@@ -11,6 +11,7 @@ import torch
 from analyze import (_figure_choice, content_words, jaccard, main, perturbation_batch, perturbation_test,
                      select_positions, summarize_perturbation)
 from attention_metrics import coupling_stats
+from cli import UsageError
 from conftest import tiny_config
 from model import Qwen3Config, Transformer
 from tokenizer import Tokenizer
@@ -224,10 +225,10 @@ def test_analyze_gsm8k_and_prompts_files(tiny, tmp_path):
 
 def test_analyze_clear_errors(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
-    with pytest.raises(FileNotFoundError, match="--init .*no such directory"):
+    with pytest.raises(UsageError, match="--init .*no such directory"):
         main(["--init", str(tmp_path / "missing")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(UsageError, match="no config.json"):
         main(["--init", str(tmp_path / "empty")])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"run `python train\.py` first"):
