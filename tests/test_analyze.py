@@ -185,8 +185,8 @@ def test_analyze_end_to_end_countdown(tiny, tmp_path):
         assert row["reward"] in (0.0, 0.1, 1.0)
     # couplings.json holds coupling_stats of exactly the signals written to the JSONL
     # null in responses.jsonl: FAI undefined there (empty T(s))
-    records = [{k: torch.tensor([math.nan if x is None else x for x in r[k]]) for k in ("waad", "fai", "fai_receiver", "entropy")}
-               for r in rows]
+    records = [{k: torch.tensor([math.nan if x is None else x for x in r[k]])
+                for k in ("waad", "fai", "fai_receiver", "entropy")} for r in rows]
     for name, stat in coupling_stats(records, seed=0).items():
         for key in ("random", "observed", "count"):
             got, want = couplings["stats"][name][key], stat[key]
