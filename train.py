@@ -445,9 +445,21 @@ class StopRequest:
         return all_reduce_sum(torch.tensor([float(self.signum is not None)])).item() > 0
 
 
-def save_model(path: Path, model, tokenizer):
-    """The final model in the Hugging Face layout; a collective like save_checkpoint."""
-    weights = full_state_dict(model)
+def checkpoint_dtype(path: Path) -> str:
+    """The dtype a Hugging Face checkpoint was saved in (config.json torch_dtype, or dtype in newer
+    transformers); float32 when it names none or no floating-point dtype."""
+    config = read_json(path / "config.json")
+    name = config.get("torch_dtype") or config.get("dtype") if isinstance(config, dict) else None
+    dtype = getattr(torch, str(name), None)
+    return name if isinstance(dtype, torch.dtype) and dtype.is_floating_point else "float32"
+
+
+def save_model(path: Path, model, tokenizer, dtype: str = "float32"):
+    """The final model in the Hugging Face layout, in dtype (the --init checkpoint's own: a bf16
+    Qwen3 comes back bf16, not twice its size; checkpoint/ keeps the fp32 master weights).
+    A collective like save_checkpoint."""
+    weights = {name: t.to(getattr(torch, dtype)) if t.is_floating_point() else t
+               for name, t in full_state_dict(model).items()}
     if is_main():
         save_state_dict(path, weights, model.config)
         tokenizer.save_pretrained(path)
@@ -490,6 +502,7 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
         tokenizer = Tokenizer.from_pretrained(ckpt)
     elif run.init:
         source = checkpoint_dir(run.init)
+        progress["model_dtype"] = checkpoint_dtype(source)
         model = Transformer.from_pretrained(source, dtype=torch.float32, device=device)
         tokenizer = Tokenizer.from_pretrained(source)
     else:
@@ -563,7 +576,7 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
                 teardown()
                 sys.exit(STOP_SIGNALS.get(stop.signum, STOP_SIGNALS[signal.SIGTERM]))
 
-    save_model(out / "model", model, tokenizer)
+    save_model(out / "model", model, tokenizer, progress.get("model_dtype", "float32"))
     with precision(device), gathered(model):
         if main_rank:
             plot_curves(read_jsonl_records(metrics_file), out / "curves.png",

@@ -260,3 +260,27 @@ def test_missing_logger_package_is_one_line(flags, package, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and f"the {package} package is not installed" in lines[0]
     assert not out.exists()
+
+
+def test_final_model_keeps_the_init_checkpoints_dtype(tmp_path):
+    """A bf16 --init checkpoint comes back bf16 in model/ (not twice its size); checkpoint/ keeps
+    the fp32 master weights that --resume needs."""
+    from safetensors import safe_open
+    init = tmp_path / "bf16"
+    tokenizer = Tokenizer.byte_level()
+    Transformer(Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            max_position_embeddings=1024)).to(torch.bfloat16).save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    assert json.loads((init / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    out = tmp_path / "out"
+    run_train("--init", init, "--device", "cpu", "--steps", "1", "--group-size", "2", "--rollout-batch", "4",
+              "--micro-batch", "2", "--max-new-tokens", "8", "--eval-size", "4", "--out", out)
+
+    def dtypes(directory):
+        with safe_open(directory / "model.safetensors", framework="pt") as f:
+            return {f.get_tensor(k).dtype for k in f.keys()}
+
+    assert dtypes(out / "model") == {torch.bfloat16}
+    assert json.loads((out / "model" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert dtypes(out / "checkpoint") == {torch.float32}
