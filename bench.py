@@ -37,7 +37,6 @@ Method (project defaults, stated once):
 """
 
 import argparse
-import ctypes
 import gc
 import multiprocessing
 import os
@@ -59,6 +58,7 @@ from transformers import Qwen3ForCausalLM  # noqa: E402
 
 import attention_metrics as am  # noqa: E402
 from model import Qwen3Config, Transformer, hf_name  # noqa: E402
+from phases import return_freed_memory  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -109,7 +109,6 @@ MODES = {
 GPU = dict(shape="qwen3-0.6b", prefill=(8, 2048), dtype=torch.bfloat16, matmul_n=8192, device="cuda")
 RL_PARTS = dict(generate="generation", old_logp="old log-probs forward", credit="attention credit",
                 update="update", step="whole step")  # GRPO.step's time_<name> -> column
-MMAP_THRESHOLD = 64 * 1024  # bytes: glibc serves larger allocations with mmap (see the method above)
 
 # -----------------------------------------------------------------------------
 # The two models with the same weights
@@ -272,9 +271,7 @@ def _peak_child(kind, impl, settings, params, conn):
         if settings.threads:
             torch.set_num_threads(settings.threads)
         if not settings.device.startswith("cuda"):
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also turns off its dynamic growth)
-            libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
+            return_freed_memory()
         model = build(MODEL_OF[impl], settings)
         make_op(kind, impl, model, settings, **warm_up_params(kind, params))()
         fn = make_op(kind, impl, model, settings, **params)

@@ -52,6 +52,8 @@ COUNTDOWN_MAX_NUMBER = 99       # operands drawn from 1..99
 COUNTDOWN_MAX_TARGET = 100      # targets are integers in 1..100
 COUNTDOWN_TRAIN_SIZE = 20_000   # PAPER.md Section 4: 20,000 train / 512 test instances
 COUNTDOWN_TEST_SIZE = 512
+SEARCH_DEAD_ENDS = (2, 3)        # rejected chains before the solution in a 'search' worked solution
+SEARCH_DRAWS = 20               # random chains drawn to find one that misses the target
 MAX_ANSWER_CHARS = 256          # longer <answer> contents are rejected before parsing
 MAX_NUMBER_DIGITS = 9           # bounds every integer literal the parser will build
 MAX_PAREN_DEPTH = 32            # bounds recursion in the parser: far below Python's limit
@@ -372,6 +374,47 @@ def countdown_worked_solution(numbers: list, target: int, rng: Optional[random.R
     return f"{opening}{', '.join(node.steps)}</think> <answer>{node.expr}</answer>"
 
 
+def _dead_end(numbers: list, target: int, rng: random.Random) -> Optional[_Node]:
+    """A random chain of integer steps that uses every number and misses the target (None after
+    SEARCH_DRAWS draws that all hit it)."""
+    for _ in range(SEARCH_DRAWS):
+        items = [_Node(Fraction(n), str(n), _ATOM, ()) for n in numbers]
+        while len(items) > 1:
+            a = items.pop(rng.randrange(len(items)))
+            b = items.pop(rng.randrange(len(items)))
+            items.append(rng.choice(_candidates(a, b, integer_only=True)))  # a + b is always a candidate
+        if items[0].value != target:
+            return items[0]
+    return None
+
+
+def countdown_search_solution(numbers: list, target: int, rng: Optional[random.Random] = None,
+                              prompt_style: str = "compact") -> str:
+    """A worked search: chains of steps that are tried and rejected, then the one that reaches the
+    target, then the answer:
+    '<think>14-5=9, 16-9=7 no; 5*14=70, 70-16=54 no; 16-5=11, 14+11=25 yes</think> <answer>14+16-5</answer>'.
+    Each tried chain uses every number and ends in ' no;' (its last value misses the target) or
+    ' yes' (it reaches it); the count of rejected chains is drawn from SEARCH_DEAD_ENDS. So the
+    response is several reasoning steps long and a few tokens decide it: the first step of each
+    chain, the verdict, and the answer, which must repeat the accepted chain. rng=None draws from a
+    generator seeded by the instance (deterministic). Project default, not in the paper: the paper's
+    Qwen3 models write their own search; this is the short, regular form a model trained from scratch
+    can learn in minutes."""
+    if prompt_style not in ("tinyzero", "compact"):
+        raise ValueError(f"countdown prompt_style must be 'tinyzero' or 'compact', got {prompt_style!r}")
+    rng = random.Random(f"{numbers}->{target}") if rng is None else rng
+    node = _solve_node(numbers, target, rng)
+    if node is None:
+        raise ValueError(f"Countdown instance {numbers} -> {target} has no solution")
+    tried = [_dead_end(numbers, target, rng) for _ in range(rng.randint(*SEARCH_DEAD_ENDS))]
+    chains = [", ".join(n.steps) + " no;" for n in tried if n is not None] + [", ".join(node.steps) + " yes"]
+    opening = "<think>" if prompt_style == "compact" else ""
+    return f"{opening}{' '.join(chains)}</think> <answer>{node.expr}</answer>"
+
+
+SOLUTION_STYLES = {"direct": countdown_worked_solution, "search": countdown_search_solution}
+
+
 def _random_instance(rng: random.Random, num_numbers: int, max_number: int, max_target: int) -> tuple:
     # Combine the numbers in a random order with random integer-valued operations; keep the result
     # if it is a target in range. The construction itself is a solution, so every instance is solvable.
@@ -425,9 +468,15 @@ def countdown_prompt(numbers: list, target: int, prompt_style: str = "tinyzero")
 
 def make_countdown(seed: int = 0, num_numbers: int = 4, n_train: int = COUNTDOWN_TRAIN_SIZE,
                    n_test: int = COUNTDOWN_TEST_SIZE, max_number: int = COUNTDOWN_MAX_NUMBER,
-                   max_target: int = COUNTDOWN_MAX_TARGET, prompt_style: str = "tinyzero") -> Task:
+                   max_target: int = COUNTDOWN_MAX_TARGET, prompt_style: str = "tinyzero",
+                   solution_style: str = "direct") -> Task:
+    """solution_style: the worked solutions of the warm-up, 'direct' (the steps that reach the
+    target) or 'search' (rejected tries first, `countdown_search_solution`)."""
     if num_numbers not in (3, 4):
         raise ValueError(f"countdown num_numbers must be 3 or 4, got {num_numbers}")
+    if solution_style not in SOLUTION_STYLES:
+        raise ValueError(f"countdown solution_style must be one of {sorted(SOLUTION_STYLES)}, got {solution_style!r}")
+    write_solution = SOLUTION_STYLES[solution_style]
     countdown_prompt([1], 1, prompt_style)  # validates prompt_style before the generation work
     test = generate_countdown(n_test, f"{seed}:test", num_numbers, max_number, max_target)
     test_keys = frozenset((tuple(sorted(n)), t) for n, t in test)
@@ -441,7 +490,7 @@ def make_countdown(seed: int = 0, num_numbers: int = 4, n_train: int = COUNTDOWN
         return countdown_reward(response, ex.answer["numbers"], ex.answer["target"])
 
     def solution(ex, rng):
-        return countdown_worked_solution(ex.answer["numbers"], ex.answer["target"], rng, prompt_style)
+        return write_solution(ex.answer["numbers"], ex.answer["target"], rng, prompt_style)
 
     return Task("countdown", to_examples(train), to_examples(test), reward, prompt_style, solution)
 

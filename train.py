@@ -43,7 +43,7 @@ from model import (DamagedFile, Qwen3Config, Transformer, atomic_directory, newe
 from plots import draw_rhythm, plot_compare, plot_curves
 from rl import GRPO, RLConfig, _choice, _int_at_least, _number, _require, check_world_size
 from sft import warmup
-from tasks import make_task
+from tasks import SOLUTION_STYLES, make_task
 from compare import markdown, summarize
 from tokenizer import Tokenizer
 from cli import (Parser, UsageError, check_layers, check_writable, checkpoint_dir, ensure_writable, flag_error,  # noqa: F401
@@ -55,6 +55,7 @@ from cli import (Parser, UsageError, check_layers, check_writable, checkpoint_di
 
 
 TASKS = ("countdown", "gsm8k", "math")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RunConfig:
     out: str = "out"
     seed: int = 0
     device: str = "auto"             # auto = cuda when present
+    precision: str = "auto"          # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32; see precision()
     init: str | None = None          # Qwen3 checkpoint dir or hub id; None = tiny model from scratch
     task: str = "countdown"          # countdown | gsm8k | math
     data: str | None = None          # JSONL for gsm8k / math
@@ -69,6 +71,7 @@ class RunConfig:
     max_number: int = 30
     max_target: int = 100
     prompt_style: str = "compact"
+    solution: str = "direct"         # warm-up worked solutions: direct | search (tasks.SOLUTION_STYLES)
     n_train: int = 20_000
     n_test: int = 512
     steps: int = 300                 # GRPO steps
@@ -95,6 +98,8 @@ class RunConfig:
         """The run's knobs, checked like RLConfig's (rl.ConfigError names the field)."""
         _choice("task", self.task, TASKS)
         _choice("num_numbers", self.num_numbers, (3, 4))
+        _choice("solution", self.solution, tuple(SOLUTION_STYLES))
+        _choice("precision", self.precision, PRECISIONS)
         for name in ("steps", "eval_every", "eval_size", "checkpoint_every", "n_train", "n_test", "max_number",
                      "max_target", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "intermediate",
                      "context", "sft_batch"):
@@ -126,6 +131,19 @@ PAPER = dict(run=dict(num_numbers=4, max_number=99, max_target=100, prompt_style
              rl=dict(group_size=8, rollout_batch_size=128, micro_batch_size=8, max_new_tokens=1024, lr=1e-6,
                      temperature=1.0, strategy="coupled", eval_batch_size=128))
 
+# The rhythm testbed (--preset rhythm): a CPU setting where token-level credit has something to select.
+# Countdown with four numbers and a worked search (tasks.countdown_search_solution): one or two chains of
+# three steps that are tried and rejected ('... =47 no;') before the chain that reaches the target and the
+# answer, about 90 tokens a response (the demo's are about 30), in which the first step of each chain,
+# its verdict and the answer decide the reward. H_lo/H_hi stay at the paper's 10/100: a response is about
+# as long as H_hi, so FAI is defined on all but the last 10 tokens. Tuned on --credit none only, on
+# seeds 1000-1001, which no reported comparison uses (README "Does it help?").
+RHYTHM = dict(run=dict(solution="search", steps=150, eval_every=25, checkpoint_every=25, sft_steps=400,
+                       sft_batch=32),
+              rl=dict(group_size=8, rollout_batch_size=64, micro_batch_size=32, max_new_tokens=128, lr=5e-5,
+                      min_lr_ratio=0.1, temperature=0.7, strategy="coupled", eval_batch_size=256))
+PRESETS = dict(demo=DEMO, rhythm=RHYTHM, paper=PAPER)
+
 # flag -> (section, field); everything else maps to the RunConfig field of the same name
 RL_FLAGS = dict(credit="strategy", bottom="bottom", q="q", gamma_amp="gamma_amp", alpha="alpha", k="k",
                 window="window", h_lo="h_lo", h_hi="h_hi", layers="credit_layers", heads="credit_heads",
@@ -141,7 +159,13 @@ def add_run_flags(p):
     p.add_argument("--out", help="output folder (default out/)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 also runs the GPU's dtype path on a CPU")
     p.add_argument("--init", help="Qwen3 checkpoint directory (or hub id with huggingface_hub installed)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="demo (default from scratch), rhythm (the long-response testbed, from scratch) or "
+                        "paper (default with --init)")
+    p.add_argument("--solution", choices=sorted(SOLUTION_STYLES), help="warm-up worked solutions (countdown)")
     p.add_argument("--task", choices=TASKS)
     p.add_argument("--data", help="JSONL file (or folder with train.jsonl/test.jsonl) for gsm8k / math")
     p.add_argument("--num-numbers", dest="num_numbers", type=int, choices=[3, 4])
@@ -191,14 +215,19 @@ def add_rl_flags(p, credit_type=str):
 
 
 def resolve(args) -> tuple[RunConfig, RLConfig]:
-    """Preset (demo, smoke or paper) + the flags given = the full config of the run."""
-    preset = PAPER if args.init else DEMO
+    """Preset (demo, rhythm or paper; shrunk by --smoke) + the flags given = the full config of the run."""
+    name = args.preset or ("paper" if args.init else "demo")
+    if name == "paper" and not args.init:
+        raise UsageError("--preset paper needs --init <Qwen3 checkpoint>")
+    if name != "paper" and args.init:
+        raise UsageError(f"--preset {name} trains a tiny model from scratch; it does not take --init")
+    preset = PRESETS[name]
     run_values = dict(preset["run"])
     rl_values = dict(preset["rl"])
     if args.smoke:
         run_values.update(SMOKE["run"])
         rl_values.update(SMOKE["rl"])
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
     if "prompts_per_step" in given and "rollout_batch" in given:
         raise UsageError("give --rollout-batch (responses) or --prompts-per-step (prompts), not both")
     for flag, field in RL_FLAGS.items():
@@ -297,18 +326,26 @@ def config_from_json(d: dict) -> tuple[RunConfig, RLConfig]:
 # Building blocks of a run
 
 
-def precision(device: torch.device):
-    """bf16 autocast on GPU (fp32 master weights, so lr 1e-6 updates are not rounded away); fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def precision(device: torch.device, mode: str = "auto"):
+    """The compute dtype of a run's forward passes: bf16 autocast over fp32 master weights (so lr 1e-6
+    updates are not rounded away), or plain fp32. auto = bf16 on a GPU, fp32 on a CPU. bf16 on a CPU
+    runs the dtype path a GPU takes (autocast, bf16 KV cache), to check it where no GPU is; it is no
+    faster there."""
+    if autocast_dtype(device, mode) is not None:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def autocast_dtype(device: torch.device, mode: str = "auto"):
+    """torch.bfloat16 when precision(device, mode) autocasts, else None (fp32)."""
+    return torch.bfloat16 if mode == "bf16" or (mode == "auto" and device.type == "cuda") else None
 
 
 def load_task(run: RunConfig):
     if run.task == "countdown":
         return make_task("countdown", seed=run.seed, num_numbers=run.num_numbers, max_number=run.max_number,
                          max_target=run.max_target, prompt_style=run.prompt_style, n_train=run.n_train,
-                         n_test=run.n_test)
+                         n_test=run.n_test, solution_style=run.solution)
     if run.task == "math" and run.data is None:  # tasks.make_task would train on MATH-500's test split
         raise UsageError("--task math needs --data with a training set (e.g. DAPO-Math-17K as JSONL): "
                          "MATH-500 is an evaluation set (use it with `train.py analyze`)")
@@ -536,7 +573,7 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
             kept = [r for r in read_jsonl_records(metrics_file) if r["step"] <= progress["step"]]
             metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
     else:
-        with precision(device):
+        with precision(device, run.precision):
             before = trainer.evaluate(eval_examples)
         progress.update(step=0, accuracy_before_rl=before["accuracy"], best_accuracy=before["accuracy"])
         if main_rank:
@@ -551,14 +588,14 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
         for step in bar:
             batch = [task.train[i] for i in data_order(len(task.train), step, rl.prompts_per_step, run.seed)]
             lr = trainer.set_lr_for_step(step, run.steps)
-            with precision(device):
+            with precision(device, run.precision):
                 metrics = trainer.step(batch)
             if main_rank:
                 log({"kind": "train", **metrics, "lr": lr, "step": step + 1})
             bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}")
             progress["step"] = step + 1
             if (step + 1) % run.eval_every == 0 or step + 1 == run.steps:
-                with precision(device):
+                with precision(device, run.precision):
                     result = trainer.evaluate(eval_examples)
                 if main_rank:
                     log({"kind": "eval", "step": step + 1, **result})
@@ -577,7 +614,7 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
                 sys.exit(STOP_SIGNALS.get(stop.signum, STOP_SIGNALS[signal.SIGTERM]))
 
     save_model(out / "model", model, tokenizer, progress.get("model_dtype", "float32"))
-    with precision(device), gathered(model):
+    with precision(device, run.precision), gathered(model):
         if main_rank:
             plot_curves(read_jsonl_records(metrics_file), out / "curves.png",
                         f"GRPO + {rl.strategy} credit, seed {run.seed}")

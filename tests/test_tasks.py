@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tasks  # noqa: E402
-from tasks import (EquationError, countdown_reward, countdown_worked_solution, extract_boxed,  # noqa: E402
-                   gsm8k_reward, make_task, parse_equation, parse_number, solve_countdown)
+from tasks import (EquationError, countdown_reward, countdown_search_solution, countdown_worked_solution,  # noqa: E402
+                   extract_boxed, gsm8k_reward, make_task, parse_equation, parse_number, solve_countdown)
 
 
 def answer(eq):
@@ -260,6 +260,54 @@ def test_worked_solution_format():
     assert countdown_worked_solution([12, 5, 3], 51, prompt_style="compact").startswith("<think>")
     with pytest.raises(ValueError, match="no solution"):
         countdown_worked_solution([1, 1, 1, 1], 97)
+
+
+def check_chain(chain: str, numbers: list) -> Fraction:
+    """Replays one 'a+b=c, c*d=e' chain by hand: every step's arithmetic is right, each operand is a
+    given number or an earlier result, used once, and every number is used. Returns the last value."""
+    pool = Counter(Fraction(n) for n in numbers)
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+    value = None
+    for step in chain.split(", "):
+        m = re.fullmatch(r"(\d+)([-+*/])(\d+)=(\d+)", step)
+        assert m, step
+        a, op, b, result = Fraction(m[1]), m[2], Fraction(m[3]), Fraction(m[4])
+        assert ops[op](a, b) == result, step
+        for operand in (a, b):
+            assert pool[operand] > 0, f"{step}: {operand} is not available"
+            pool[operand] -= 1
+        pool[result] += 1
+        value = result
+    assert sum(pool.values()) == 1, f"{chain}: not every number used"
+    return value
+
+
+def test_search_solution_tries_and_rejects_before_it_answers():
+    """The 'search' worked solution: chains of correct steps that use every number once, each rejected
+    chain missing the target and marked ' no;', then the one that reaches it marked ' yes', then its
+    equation as the answer (which TinyZero's rule scores 1.0)."""
+    task = make_task("countdown", seed=3, num_numbers=3, n_train=300, n_test=8, prompt_style="compact",
+                     solution_style="search")
+    rng = random.Random(0)
+    dead_ends = Counter()
+    for example in task.train[:300]:
+        numbers, target = example.answer["numbers"], example.answer["target"]
+        text = task.worked_solution(example, rng)
+        assert text.startswith("<think>") and "\n" not in text
+        think, answer = re.fullmatch(r"<think>(.*)</think> <answer>(.*)</answer>", text).groups()
+        *tried, accepted = think.split("; ")
+        dead_ends[len(tried)] += 1
+        for chain in tried:
+            assert chain.endswith(" no") and check_chain(chain[:-3], numbers) != target
+        assert accepted.endswith(" yes") and check_chain(accepted[:-4], numbers) == target
+        assert countdown_reward(text, numbers, target) == 1.0
+        assert parse_equation(answer)[0] == target
+    assert set(dead_ends) == set(range(tasks.SEARCH_DEAD_ENDS[0], tasks.SEARCH_DEAD_ENDS[1] + 1))
+    first = task.train[0]
+    assert countdown_search_solution(first.answer["numbers"], first.answer["target"]) == \
+        countdown_search_solution(first.answer["numbers"], first.answer["target"])  # rng=None: deterministic
+    with pytest.raises(ValueError, match="solution_style"):
+        make_task("countdown", seed=3, n_train=10, n_test=2, solution_style="essay")
 
 
 @pytest.fixture(scope="module")

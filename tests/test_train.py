@@ -114,7 +114,8 @@ BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "
        "unknown-credit", "bad-q", "bad-lr", "bad-gamma", "bad-alpha", "bad-k", "bad-window", "bad-h-hi",
        "bad-temperature", "bad-clip", "bad-kl", "bad-steps", "layers-beyond-depth", "init-nonexistent",
        "compare-seeds-0", "compare-bad-credit", "analyze-num-prompts-0", "analyze-temperature",
-       "analyze-layers-beyond", "init-truncated-weights", "init-config-not-json", "bad-grad-accum", "compare-jobs-0"]
+       "analyze-layers-beyond", "init-truncated-weights", "init-config-not-json", "bad-grad-accum", "compare-jobs-0",
+       "paper-preset-without-init", "rhythm-preset-with-init"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -164,6 +165,8 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "analyze-layers-beyond": (["analyze", "--init", tiny_checkpoint, "--layers", "5"], "the model has 2 layers"),
         "bad-grad-accum": (["--smoke", "--grad-accum", "0"], "--grad-accum 0: grad_accum must be >= 1"),
         "compare-jobs-0": (["compare", "--smoke", "--jobs", "0"], "--jobs 0"),
+        "paper-preset-without-init": (["--preset", "paper"], "--preset paper needs --init"),
+        "rhythm-preset-with-init": (["--preset", "rhythm", "--init", tiny_checkpoint], "does not take --init"),
         "init-truncated-weights": (["--init", damaged_copy("weights")], "model.safetensors is damaged"),
         "init-config-not-json": (["--init", damaged_copy("config")], "config.json is not valid JSON"),
     }[case]
@@ -284,3 +287,39 @@ def test_final_model_keeps_the_init_checkpoints_dtype(tmp_path):
     assert dtypes(out / "model") == {torch.bfloat16}
     assert json.loads((out / "model" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert dtypes(out / "checkpoint") == {torch.float32}
+
+
+def resolved(*flags):
+    import train
+    parser = train.Parser()
+    train.add_run_flags(parser)
+    train.add_rl_flags(parser)
+    return train.resolve(parser.parse_args(list(flags)))
+
+
+def test_rhythm_preset_is_the_documented_testbed():
+    """--preset rhythm: Countdown (3 numbers) with the worked-search warm-up, responses long enough that
+    FAI is defined on most tokens (max_new_tokens 128 > H_hi), the paper's H_lo/H_hi; flags still win."""
+    run, rl = resolved("--preset", "rhythm")
+    assert (run.solution, run.num_numbers, run.init, run.sft_batch) == ("search", 3, None, 32)
+    assert (rl.max_new_tokens, rl.h_lo, rl.h_hi, rl.group_size, rl.rollout_batch_size) == (128, 10, 100, 8, 64)
+    assert resolved("--preset", "rhythm", "--credit", "none", "--steps", "7")[1].strategy == "none"
+    assert resolved("--preset", "rhythm", "--steps", "7")[0].steps == 7
+    demo_run, demo_rl = resolved()
+    assert (demo_run.solution, demo_rl.max_new_tokens) == ("direct", 64)
+
+
+def test_rhythm_smoke_run_with_cpu_bf16_autocast(tmp_path):
+    """The testbed runs end to end (shrunk by --smoke) with bf16 autocast on the CPU (--precision bf16,
+    the GPU's dtype path), and its warm-up has taught the worked-search format: the drawn held-out
+    response opens with a chain of steps ('<think>20-11=9, ...')."""
+    import html
+    import re
+    out = tmp_path / "out"
+    run_train("--preset", "rhythm", "--smoke", "--precision", "bf16", "--sft-steps", "150", "--out", out)
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["run"]["solution"] == "search" and config["run"]["precision"] == "bf16"
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    row = (out / "rhythm_0.html").read_text().split('<div class="row"')[1]
+    text = html.unescape("".join(re.findall(r"<span[^>]*>(.*?)</span>", row)))
+    assert re.match(r"<think>\d+[-+*/]\d+=\d+", text), text

@@ -1,0 +1,218 @@
+"""Peak memory and time of each phase of a GRPO step on a checkpoint, beside the README's formulas.
+
+    python phases.py --init DIR --device cpu --precision bf16 --prompts-per-step 2 --group-size 2 \\
+        --micro-batch 2 --max-new-tokens 64          # a Qwen3 shape on a CPU, shrunk batch
+    python phases.py --init DIR --device cuda        # the paper preset: 128 responses x 1,024 new tokens
+
+It takes train.py's flags (the paper preset applies, as with --init) and runs --steps steps (default
+2) of GRPO.step split into its phases, each measured as the peak memory above what was held when it
+began (CPU: the resident set's high-water mark after resetting it through /proc/self/clear_refs;
+GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats) and its wall time:
+  weights     Transformer.from_pretrained in fp32, the master weights;
+  generation  GRPO.rollout: sampling with the KV cache, scoring;
+  credit      GRPO.credit: the no-grad forward that gives the old log-probs and the attention credit;
+  update      GRPO.update: micro-batched forward/backward and AdamW steps.
+The predicted column is the README's arithmetic for the same configuration and the batch as sampled
+(`predict`), so a wrong formula shows as a ratio far from 1. Each step's phases are one table row
+group; the first step also allocates the gradients and AdamW moments.
+"""
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from cli import Parser, UsageError, checkpoint_dir, pick_device  # noqa: E402
+from distributed import all_gather_objects  # noqa: E402
+from model import Transformer  # noqa: E402
+from rl import GRPO, merge_rollouts  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+ACTIVATION_BYTES = 34     # per token, hidden unit and layer with bf16 activations (Korthikanti et al. 2022,
+#                           fused attention); twice that in fp32
+LOGIT_BYTES = 6           # per token and vocabulary entry: the logits in bf16 plus their fp32 copy
+OPTIMIZER_BYTES = 12      # per parameter: the fp32 gradient and two AdamW moments (weights: 4 more)
+
+
+def kv_cache_bytes(config, rows: int, tokens: int, element_bytes: int) -> int:
+    """The generation KV cache: k and v for every layer, KV head and position."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element_bytes * rows * tokens
+
+
+def activation_bytes(config, tokens: int, element_bytes: int) -> int:
+    """Activations a forward keeps for the backward: 34 bytes per token x hidden x layer in bf16."""
+    return ACTIVATION_BYTES * element_bytes // 2 * tokens * config.hidden_size * config.num_hidden_layers
+
+
+def predict(phase: str, config, params: int, batch: dict, element_bytes: int, first_step: bool) -> int:
+    """The README's formulas for one phase. batch: rows and padded tokens of the largest chunk the
+    phase runs at once (generation: rows per generate call x prompt + max_new_tokens)."""
+    if phase == "weights":
+        return 4 * params
+    rows, tokens, response = batch["rows"], batch["tokens"], batch["response"]
+    if phase == "generation":
+        return kv_cache_bytes(config, rows, tokens, element_bytes)
+    logits = LOGIT_BYTES * rows * (response + 1) * config.vocab_size
+    if phase == "credit":
+        return logits
+    return (OPTIMIZER_BYTES * params if first_step else 4 * params) + activation_bytes(
+        config, rows * tokens, element_bytes) + logits
+
+
+MMAP_THRESHOLD = 64 * 1024  # bytes: glibc serves larger allocations with mmap, so freed tensors leave the RSS
+
+
+def return_freed_memory():
+    """Make glibc give every freed allocation of MMAP_THRESHOLD bytes or more back to the kernel, so the
+    resident set measures what is held now, not what the allocator kept from earlier phases."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also turns off its dynamic growth)
+    libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
+
+
+class Meter:
+    """Peak memory above the start and wall time of a block, on the CPU or one GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if not self.cuda:
+            return_freed_memory()
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @staticmethod
+    def _rss_kib(name: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(name + ":"))
+
+    @contextmanager
+    def phase(self, record: dict):
+        self._sync()
+        if self.cuda:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base = self._rss_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+        start = time.perf_counter()
+        yield
+        self._sync()
+        record["seconds"] = time.perf_counter() - start
+        if self.cuda:
+            record["peak"] = torch.cuda.max_memory_allocated() - base
+        else:
+            record["peak"] = (self._rss_kib("VmHWM") - base) * 1024
+
+
+def chunk_shape(roll, rows: int) -> dict:
+    """rows and padded length of the longest chunk of `rows` responses, in the order the phase runs."""
+    lengths = [(len(p) + len(r), len(r)) for p, r in zip(roll.prompt_ids, roll.response_ids)]
+    chunks = [lengths[i:i + rows] for i in range(0, len(lengths), rows)]
+    tokens = max(max(n for n, _ in c) for c in chunks)
+    return dict(rows=min(rows, len(lengths)), tokens=tokens, response=max(r for _, r in lengths))
+
+
+def measure(argv: list, steps: int = 2) -> dict:
+    """Run `steps` GRPO steps of the train.py configuration given by argv, phase by phase."""
+    parser = Parser()
+    train.add_run_flags(parser)
+    train.add_rl_flags(parser)
+    args = parser.parse_args(argv)
+    if not args.init:
+        raise UsageError("phases.py needs --init <Qwen3 checkpoint> (e.g. one written by make_qwen3.py)")
+    run, rl = train.resolve(args)
+    train.preflight(run, rl)
+    device = pick_device(run.device)
+    run = replace(run, n_train=rl.prompts_per_step * steps, n_test=1)
+    torch.manual_seed(run.seed)
+    meter = Meter(device)
+    records = []
+    weights = dict(phase="weights", step=0)
+    with meter.phase(weights):
+        model = Transformer.from_pretrained(checkpoint_dir(run.init), dtype=torch.float32, device=device)
+    params = model.num_parameters()
+    weights["predicted"] = predict("weights", model.config, params, {}, 4, True)
+    records.append(weights)
+    trainer = GRPO(model, Tokenizer.from_pretrained(checkpoint_dir(run.init)), train.load_task(run), rl)
+    element_bytes = 4 if train.autocast_dtype(device, run.precision) is None else 2
+    chunk = rl.micro_batch_size // rl.grad_accum
+    for step in range(steps):
+        examples = trainer.task.train[step * rl.prompts_per_step:(step + 1) * rl.prompts_per_step]
+        seeds = torch.randint(0, 2 ** 62, (3,), generator=trainer.rng).tolist()
+        with train.precision(device, run.precision):
+            generation, credit, update = (dict(phase=name, step=step + 1) for name in ("generation", "credit", "update"))
+            with meter.phase(generation):
+                roll = trainer.rollout(examples, seeds[0])
+            with meter.phase(credit):
+                trainer.credit(roll, seeds[1])
+            roll = merge_rollouts(all_gather_objects(roll))
+            with meter.phase(update):
+                trainer.update(roll, seeds[2])
+        rows = rl.generation_batch_size or len(roll.response_ids)
+        prompt = max(len(p) for p in roll.prompt_ids)
+        shapes = dict(generation=dict(rows=rows, tokens=prompt + rl.max_new_tokens, response=rl.max_new_tokens),
+                      credit=chunk_shape(roll, chunk), update=chunk_shape(roll, chunk))
+        for record in (generation, credit, update):
+            record["predicted"] = predict(record["phase"], model.config, params, shapes[record["phase"]],
+                                          element_bytes, step == 0)
+            record["shape"] = shapes[record["phase"]]
+            records.append(record)
+    return dict(records=records, params=params, config=model.config, run=run, rl=rl, device=device,
+                dtype="bf16 autocast" if element_bytes == 2 else "fp32")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per phase and step, measured beside predicted."""
+    c, rl = result["config"], result["rl"]
+    lines = [f"Model: {result['params'] / 1e9:.3f} B parameters (hidden {c.hidden_size}, {c.num_hidden_layers} "
+             f"layers, {c.num_key_value_heads} KV heads of {c.head_dim}, vocabulary {c.vocab_size}); device "
+             f"{result['device']}, {result['dtype']}; {rl.rollout_batch_size} responses (group {rl.group_size}), "
+             f"max_new_tokens {rl.max_new_tokens}, micro-batch {rl.micro_batch_size} in {rl.grad_accum} chunk(s), "
+             f"credit {rl.strategy}.", "",
+             "| step | phase | rows x tokens | time | peak memory above the start | predicted | measured / predicted |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        shape = r.get("shape")
+        where = f"{shape['rows']} x {shape['tokens']}" if shape else "-"
+        ratio = f"{r['peak'] / r['predicted']:.2f}" if r["predicted"] else "-"
+        lines.append(f"| {r['step']} | {r['phase']} | {where} | {r['seconds']:.2f} s | {gib(r['peak'])} "
+                     f"| {gib(r['predicted'])} | {ratio} |")
+    lines += ["", "Predicted (phases.predict): weights 4 B x parameters; generation the KV cache "
+              "2 x layers x KV heads x head_dim x bytes x rows x (prompt + max_new_tokens); credit the response "
+              f"logits {LOGIT_BYTES} B x rows x (response + 1) x vocabulary of one chunk; update the same logits + "
+              f"activations {ACTIVATION_BYTES} B (bf16; x2 in fp32) x tokens x hidden x layers of one chunk + "
+              f"{OPTIMIZER_BYTES} B x parameters in the first step (gradients, AdamW moments), 4 B later (gradients)."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    steps = 2
+    if "--steps" in argv:
+        i = argv.index("--steps")
+        steps = int(argv[i + 1])
+        del argv[i:i + 2]
+    print(table(measure(argv, steps)))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UsageError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
