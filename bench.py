@@ -4,6 +4,7 @@
     python bench.py --quick          # the same rows at smaller sizes, under 2 minutes
     python bench.py --device cuda    # the real Qwen3-0.6B shape in bf16
     python bench.py --tiny           # the smallest configuration (what tests/test_bench.py runs)
+    python bench.py --gpu-check --device cuda   # the prepared GPU check (under 8 min on one H200)
 
 Every figure is a ratio against a reference measured in the same run, on the same model shape,
 the same random weights (copied from our model into transformers' Qwen3ForCausalLM) and the
@@ -593,6 +594,56 @@ def run_bench(settings: Settings, out_path=None, command="python bench.py", log=
     return text
 
 
+# bench.py --gpu-check: the GPU sizes the issue names, at 3 repeats to stay under 8 minutes on one H200
+GPU_CHECK = dict(gen_batches=(1, 8, 32, 128), metric_lengths=(1024, 2048, 4096, 8192), repeats=3)
+# ... and its CPU version (a test runs it): the tiny bench and 2 steps of 4 responses on a tiny checkpoint
+CPU_CHECK_FLAGS = ("--prompts-per-step", "2", "--group-size", "2", "--micro-batch", "2", "--max-new-tokens", "16",
+                   "--eval-size", "1")
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """A random checkpoint of the tiny shape with the byte-level tokenizer (the CPU check's model)."""
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    Transformer(Qwen3Config(**{**SHAPES["tiny"], "vocab_size": tokenizer.vocab_size},
+                            tie_word_embeddings=True)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def gpu_check(device: str, out_path=None, command="python bench.py --gpu-check", log=print) -> str:
+    """One command that settles the GPU questions: this benchmark at the GPU sizes (prefill, generation
+    at batch 1/8/32/128, the metrics path at N = 1,024-8,192, all against transformers), then 2 steps
+    of the paper preset (128 responses x 1,024 new tokens, bf16 autocast) on a random Qwen3-0.6B-Base
+    (make_qwen3.py) split into phases, each with its time and peak memory beside the README's
+    prediction (phases.py). With device "cpu" it runs the same code shrunk (the tiny bench; 2 steps of
+    4 responses on a tiny checkpoint), which is what the tests run."""
+    import tempfile
+
+    import phases
+
+    cuda = device.startswith("cuda")
+    settings = replace(MODES["full"], **{**GPU, **GPU_CHECK, "device": device}) if cuda else \
+        replace(MODES["tiny"], threads=1)
+    bench_text = run_bench(settings, None, command, log)
+    with tempfile.TemporaryDirectory() as tmp:
+        if cuda:
+            from make_qwen3 import make_qwen3
+            checkpoint, flags = make_qwen3("0.6B", Path(tmp) / "qwen3-0.6b"), ("--device", device)
+        else:
+            checkpoint, flags = tiny_checkpoint(Path(tmp) / "tiny"), ("--device", "cpu", *CPU_CHECK_FLAGS)
+        result = phases.measure(["--init", str(checkpoint), "--out", str(Path(tmp) / "out"), *flags], steps=2)
+    text = (bench_text + "\n## Phases of the paper's GRPO step (phases.py)\n\n"
+            f"train.py flags: `--init <random Qwen3-{'0.6B-Base' if cuda else 'tiny'}> {' '.join(flags)}`\n\n"
+            + phases.table(result) + "\n")
+    print(text[len(bench_text):])
+    if out_path is not None:
+        Path(out_path).write_text(text)
+    return text
+
+
 def settings_for(args) -> Settings:
     settings = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
     if args.device.startswith("cuda"):
@@ -620,13 +671,21 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, help="timed runs per figure (after one warm-up)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on a CPU shared "
                         "with other busy processes 1 thread gives steadier figures")
-    parser.add_argument("--out", default="bench.md", help="where to write the Markdown (default bench.md)")
+    size.add_argument("--gpu-check", dest="gpu_check", action="store_true",
+                      help="the prepared GPU check: this bench at GPU sizes, then the paper preset's phases on a "
+                           "random Qwen3-0.6B (with --device cpu: shrunk)")
+    parser.add_argument("--out", help="where to write the Markdown (default bench.md; gpu_check.md with --gpu-check)")
     args = parser.parse_args(argv)
     for name in ("repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    run_bench(settings_for(args), args.out, command.strip())
+    command = ("python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    if args.gpu_check:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: no CUDA device is available")
+        gpu_check(args.device, args.out or "gpu_check.md", command)
+        return
+    run_bench(settings_for(args), args.out or "bench.md", command)
 
 
 if __name__ == "__main__":

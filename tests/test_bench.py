@@ -69,3 +69,38 @@ def test_first_difference():
     assert bench.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
     assert bench.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == (1, 1)
     assert bench.first_difference([[1, 2]], [[1]]) == (0, 1)
+
+
+def test_gpu_check_runs_shrunk_on_cpu(tmp_path):
+    """bench.py --gpu-check --device cpu: the same code as on a GPU, shrunk; its phase table has every
+    phase of both steps, each with a time, a measured peak and the README's prediction, and the
+    first step's update holds at least the gradients and AdamW moments it predicts (12 B/parameter)."""
+    import phases
+
+    out = tmp_path / "gpu_check.md"
+    text = bench.gpu_check("cpu", out, command="pytest", log=lambda *_: None)
+    assert out.read_text() == text and "## Phases of the paper's GRPO step" in text
+    rows = [line for line in text.splitlines() if re.match(r"^\| [012] \| ", line)]
+    assert [tuple(c.strip() for c in r.strip("|").split("|")[:2]) for r in rows] == [
+        ("0", "weights"), *[(str(s), p) for s in (1, 2) for p in ("generation", "credit", "update")]]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells[3].endswith(" s") and cells[4].endswith("iB") and cells[5].endswith("iB")
+    model = Transformer(Qwen3Config(**{**bench.SHAPES["tiny"], "vocab_size": 262}))
+    assert phases.predict("update", model.config, model.num_parameters(), dict(rows=1, tokens=8, response=4), 4,
+                          True) >= 12 * model.num_parameters()
+
+
+def test_phase_predictions_by_hand():
+    """phases.predict's formulas on a small config, computed by hand."""
+    import phases
+
+    config = Qwen3Config(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    shape = dict(rows=2, tokens=10, response=6)
+    assert phases.predict("weights", config, 1000, {}, 4, True) == 4000
+    assert phases.predict("generation", config, 1000, shape, 2, True) == 2 * 3 * 1 * 4 * 2 * 2 * 10
+    logits = 6 * 2 * 7 * 100
+    assert phases.predict("credit", config, 1000, shape, 2, True) == logits
+    assert phases.predict("update", config, 1000, shape, 2, True) == 12_000 + 34 * 20 * 8 * 3 + logits
+    assert phases.predict("update", config, 1000, shape, 4, False) == 4_000 + 68 * 20 * 8 * 3 + logits

