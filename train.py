@@ -812,5 +812,7 @@ if __name__ == "__main__":
     except (UsageError, ValueError, FileNotFoundError) as error:
         if launched_rank() == 0:  # under torchrun every rank fails alike; one message is enough
             print(f"error: {error}", file=sys.stderr)
+        else:  # torchrun stops the other ranks when one exits: let rank 0 say why first
+            time.sleep(2)
         sys.exit(2)
     teardown()
