@@ -59,7 +59,7 @@ from transformers import Qwen3ForCausalLM  # noqa: E402
 
 import attention_metrics as am  # noqa: E402
 from model import Qwen3Config, Transformer, hf_name  # noqa: E402
-from phases import return_freed_memory  # noqa: E402
+from phases import return_freed_memory, rss_kib  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -252,14 +252,6 @@ def time_interleaved(fns: dict, settings: Settings, keep=()):
     return {name: Stat(t) for name, t in times.items()}, kept
 
 
-def _rss_kib(field_name):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field_name}")
-
-
 def warm_up_params(kind, params):
     """The op at a small size: runs every lazily loaded code path without the cost of the real size."""
     small = dict(prefill=dict(n=16), generate=dict(new_tokens=2), metrics=dict(n=32))[kind]
@@ -285,11 +277,11 @@ def _peak_child(kind, impl, settings, params, conn):
             torch.cuda.synchronize()
             conn.send(torch.cuda.max_memory_allocated() - base)
         else:
-            base = _rss_kib("VmRSS")
+            base = rss_kib("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current resident set
             fn()
-            conn.send((_rss_kib("VmHWM") - base) * 1024)
+            conn.send((rss_kib("VmHWM") - base) * 1024)
     except BaseException as e:  # the parent reports it
         conn.send(e)
 

@@ -78,6 +78,15 @@ def return_freed_memory():
     libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
 
 
+def rss_kib(name: str) -> int:
+    """A memory field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (its high-water mark)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {name}")
+
+
 class Meter:
     """Peak memory above the start and wall time of a block, on the CPU or one GPU."""
 
@@ -90,11 +99,6 @@ class Meter:
         if self.cuda:
             torch.cuda.synchronize()
 
-    @staticmethod
-    def _rss_kib(name: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(name + ":"))
-
     @contextmanager
     def phase(self, record: dict):
         self._sync()
@@ -102,7 +106,7 @@ class Meter:
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            base = self._rss_kib("VmRSS")
+            base = rss_kib("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current resident set
         start = time.perf_counter()
@@ -112,7 +116,7 @@ class Meter:
         if self.cuda:
             record["peak"] = torch.cuda.max_memory_allocated() - base
         else:
-            record["peak"] = (self._rss_kib("VmHWM") - base) * 1024
+            record["peak"] = (rss_kib("VmHWM") - base) * 1024
 
 
 def chunk_shape(roll, rows: int) -> dict:
