@@ -626,7 +626,7 @@ def gpu_check(device: str, out_path=None, command="python bench.py --gpu-check",
             checkpoint, flags = make_qwen3("0.6B", Path(tmp) / "qwen3-0.6b"), ("--device", device)
         else:
             checkpoint, flags = tiny_checkpoint(Path(tmp) / "tiny"), ("--device", "cpu", *CPU_CHECK_FLAGS)
-        result = phases.measure(["--init", str(checkpoint), "--out", str(Path(tmp) / "out"), *flags], steps=2)
+        result = phases.measure(["--init", str(checkpoint), "--out", str(Path(tmp) / "out"), *flags, "--steps", "2"])
     text = (bench_text + "\n## Phases of the paper's GRPO step (phases.py)\n\n"
             f"train.py flags: `--init <random Qwen3-{'0.6B-Base' if cuda else 'tiny'}> {' '.join(flags)}`\n\n"
             + phases.table(result) + "\n")

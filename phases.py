@@ -5,7 +5,8 @@
     python phases.py --init DIR --device cuda        # the paper preset: 128 responses x 1,024 new tokens
 
 It takes train.py's flags (the paper preset applies, as with --init) and runs --steps steps (default
-2) of GRPO.step split into its phases, each measured as the peak memory above what was held when it
+2) of GRPO.step split into its phases (--skip-update: all but the update, for a model whose AdamW
+state does not fit), each measured as the peak memory above what was held when it
 began (CPU: the resident set's high-water mark after resetting it through /proc/self/clear_refs;
 GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats) and its wall time:
   weights     Transformer.from_pretrained in fp32, the master weights;
@@ -30,13 +31,10 @@ import torch  # noqa: E402
 import train  # noqa: E402
 from cli import Parser, UsageError, checkpoint_dir, pick_device  # noqa: E402
 from distributed import all_gather_objects  # noqa: E402
-from model import Transformer  # noqa: E402
+from model import Transformer, _weight_files  # noqa: E402
 from rl import GRPO, merge_rollouts  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
-ACTIVATION_BYTES = 34     # per token, hidden unit and layer with bf16 activations (Korthikanti et al. 2022,
-#                           fused attention); twice that in fp32
-LOGIT_BYTES = 6           # per token and vocabulary entry: the logits in bf16 plus their fp32 copy
 OPTIMIZER_BYTES = 12      # per parameter: the fp32 gradient and two AdamW moments (weights: 4 more)
 
 
@@ -46,19 +44,50 @@ def kv_cache_bytes(config, rows: int, tokens: int, element_bytes: int) -> int:
 
 
 def activation_bytes(config, tokens: int, element_bytes: int) -> int:
-    """Activations a forward keeps for the backward: 34 bytes per token x hidden x layer in bf16."""
-    return ACTIVATION_BYTES * element_bytes // 2 * tokens * config.hidden_size * config.num_hidden_layers
+    """What autograd keeps for the backward of one forward of model.py's blocks, counted tensor by
+    tensor (tests/test_bench.py checks it against torch's saved-tensor hooks). Per token and layer,
+    with h = hidden, hq = query heads x head_dim, hkv = KV heads x head_dim, i = intermediate:
+      bf16 autocast (element_bytes 2): 26 h + 10 hq + 10 hkv + 8 i bytes. Each RMSNorm keeps its fp32
+        input and normalized output (2 x 8 h); autocast casts the attention norm's output to bf16 once
+        per projection (q, k, v: 6 h) and the MLP norm's twice (gate, up: 4 h); the q/k norms keep their
+        fp32 input and bf16 normalized output (6 hq + 6 hkv); attention keeps bf16 q, k, v and its output
+        (4 hq + 4 hkv); SwiGLU keeps gate, up, silu(gate) and their product (8 i).
+      fp32 (element_bytes 4): 24 h + 16 hq + 16 hkv + 16 i (one shared input per projection group).
+    Both keep 8 + 8 x heads + 4 x KV heads bytes more: each norm's fp32 scale per row, attention's
+    logsumexp per head.
+    Qwen3-0.6B in bf16: 82,088 B per token and layer, 80 per hidden unit: the 34 of GPT-style
+    estimates (Korthikanti et al. 2022, which this project used before 2026-12-03) is 2.4x too low for
+    Qwen3's SwiGLU, q/k norms and fp32 residual stream."""
+    h, i = config.hidden_size, config.intermediate_size
+    hq, hkv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_layer = 26 * h + 10 * hq + 10 * hkv + 8 * i if element_bytes == 2 else 24 * h + 16 * (hq + hkv + i)
+    per_row = 8 + 8 * config.num_attention_heads + 4 * config.num_key_value_heads  # fp32 norm scales, logsumexp
+    return (per_layer + per_row) * tokens * config.num_hidden_layers
+
+
+def logit_bytes(element_bytes: int) -> int:
+    """Bytes per response position and vocabulary entry at the LM head: the fp32 logits (log-softmax
+    and the backward keep them), one fp32 temporary of logsumexp, and under bf16 autocast the bf16
+    logits the head wrote."""
+    return 4 + 4 + (element_bytes if element_bytes < 4 else 0)
 
 
 def predict(phase: str, config, params: int, batch: dict, element_bytes: int, first_step: bool) -> int:
     """The README's formulas for one phase. batch: rows and padded tokens of the largest chunk the
-    phase runs at once (generation: rows per generate call x prompt + max_new_tokens)."""
+    phase runs at once (generation: rows per generate call x prompt + max_new_tokens); for weights,
+    `mapped`: the bytes of the checkpoint file loaded last, which a CPU's resident set counts while it
+    is memory-mapped, beside all the fp32 weights (0 on a GPU).
+    Under bf16 autocast, generation also makes a bf16 copy of every weight (2 B x parameters):
+    autocast caches the cast of each parameter until the step's autocast region ends, so credit and
+    update run with it held. The update frees its gradients at the end (GRPO.update), so every step
+    allocates them again (4 B x parameters); the first also allocates the AdamW moments (8 more)."""
     if phase == "weights":
-        return 4 * params
+        return 4 * params + batch.get("mapped", 0)
     rows, tokens, response = batch["rows"], batch["tokens"], batch["response"]
     if phase == "generation":
-        return kv_cache_bytes(config, rows, tokens, element_bytes)
-    logits = LOGIT_BYTES * rows * (response + 1) * config.vocab_size
+        weight_copy = 2 * params if element_bytes == 2 else 0
+        return weight_copy + kv_cache_bytes(config, rows, tokens, element_bytes)
+    logits = logit_bytes(element_bytes) * rows * (response + 1) * config.vocab_size
     if phase == "credit":
         return logits
     return (OPTIMIZER_BYTES * params if first_step else 4 * params) + activation_bytes(
@@ -127,14 +156,19 @@ def chunk_shape(roll, rows: int) -> dict:
     return dict(rows=min(rows, len(lengths)), tokens=tokens, response=max(r for _, r in lengths))
 
 
-def measure(argv: list, steps: int = 2) -> dict:
-    """Run `steps` GRPO steps of the train.py configuration given by argv, phase by phase."""
+def measure(argv: list) -> dict:
+    """Run --steps GRPO steps (default 2) of the train.py configuration given by argv, phase by phase;
+    --skip-update leaves out the update (a model whose AdamW state does not fit in memory)."""
     parser = Parser()
     train.add_run_flags(parser)
     train.add_rl_flags(parser)
+    parser.add_argument("--skip-update", action="store_true",
+                        help="measure weights, generation and credit only (the update needs 16 B per parameter)")
     args = parser.parse_args(argv)
     if not args.init:
         raise UsageError("phases.py needs --init <Qwen3 checkpoint> (e.g. one written by make_qwen3.py)")
+    steps, skip_update = args.steps or 2, args.skip_update
+    del args.skip_update
     run, rl = train.resolve(args)
     train.preflight(run, rl)
     device = pick_device(run.device)
@@ -146,7 +180,8 @@ def measure(argv: list, steps: int = 2) -> dict:
     with meter.phase(weights):
         model = Transformer.from_pretrained(checkpoint_dir(run.init), dtype=torch.float32, device=device)
     params = model.num_parameters()
-    weights["predicted"] = predict("weights", model.config, params, {}, 4, True)
+    mapped = 0 if meter.cuda else _weight_files(checkpoint_dir(run.init))[-1].stat().st_size  # loaded last
+    weights["predicted"] = predict("weights", model.config, params, dict(mapped=mapped), 4, True)
     records.append(weights)
     trainer = GRPO(model, Tokenizer.from_pretrained(checkpoint_dir(run.init)), train.load_task(run), rl)
     element_bytes = 4 if train.autocast_dtype(device, run.precision) is None else 2
@@ -161,19 +196,20 @@ def measure(argv: list, steps: int = 2) -> dict:
             with meter.phase(credit):
                 trainer.credit(roll, seeds[1])
             roll = merge_rollouts(all_gather_objects(roll))
-            with meter.phase(update):
-                trainer.update(roll, seeds[2])
+            if not skip_update:
+                with meter.phase(update):
+                    trainer.update(roll, seeds[2])
         rows = rl.generation_batch_size or len(roll.response_ids)
         prompt = max(len(p) for p in roll.prompt_ids)
         shapes = dict(generation=dict(rows=rows, tokens=prompt + rl.max_new_tokens, response=rl.max_new_tokens),
                       credit=chunk_shape(roll, chunk), update=chunk_shape(roll, chunk))
-        for record in (generation, credit, update):
+        for record in (generation, credit) if skip_update else (generation, credit, update):
             record["predicted"] = predict(record["phase"], model.config, params, shapes[record["phase"]],
                                           element_bytes, step == 0)
             record["shape"] = shapes[record["phase"]]
             records.append(record)
     return dict(records=records, params=params, config=model.config, run=run, rl=rl, device=device,
-                dtype="bf16 autocast" if element_bytes == 2 else "fp32")
+                element_bytes=element_bytes, dtype="bf16 autocast" if element_bytes == 2 else "fp32")
 
 
 def gib(n: int) -> str:
@@ -196,22 +232,19 @@ def table(result: dict) -> str:
         ratio = f"{r['peak'] / r['predicted']:.2f}" if r["predicted"] else "-"
         lines.append(f"| {r['step']} | {r['phase']} | {where} | {r['seconds']:.2f} s | {gib(r['peak'])} "
                      f"| {gib(r['predicted'])} | {ratio} |")
-    lines += ["", "Predicted (phases.predict): weights 4 B x parameters; generation the KV cache "
-              "2 x layers x KV heads x head_dim x bytes x rows x (prompt + max_new_tokens); credit the response "
-              f"logits {LOGIT_BYTES} B x rows x (response + 1) x vocabulary of one chunk; update the same logits + "
-              f"activations {ACTIVATION_BYTES} B (bf16; x2 in fp32) x tokens x hidden x layers of one chunk + "
-              f"{OPTIMIZER_BYTES} B x parameters in the first step (gradients, AdamW moments), 4 B later (gradients)."]
+    lines += ["", "Predicted (phases.predict): weights 4 B x parameters (+ on a CPU the checkpoint file loaded last, "
+              "memory-mapped while it loads); generation the KV cache 2 x layers x KV heads x head_dim x bytes x rows "
+              "x (prompt + max_new_tokens), + under bf16 autocast its copy of every weight (2 B x parameters, held "
+              f"to the end of the step); credit the response logits {logit_bytes(result['element_bytes'])} B x rows x "
+              "(response + 1) x vocabulary of one chunk; update the same logits + the activations "
+              "(phases.activation_bytes: per token and layer 26 h + 10 hq + 10 hkv + 8 i bytes in bf16) of one "
+              f"chunk + {OPTIMIZER_BYTES} B x parameters in the first step (gradients, AdamW moments), 4 B later "
+              "(the gradients, freed after each update)."]
     return "\n".join(lines)
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    steps = 2
-    if "--steps" in argv:
-        i = argv.index("--steps")
-        steps = int(argv[i + 1])
-        del argv[i:i + 2]
-    print(table(measure(argv, steps)))
+    print(table(measure(list(sys.argv[1:] if argv is None else argv))))
 
 
 if __name__ == "__main__":

@@ -647,8 +647,8 @@ class GRPO:
         and averaged over ranks is exactly that of the micro-batch's loss: with norm="sequence" its
         share of the rank's responses (the mean of per-response means), with norm="token"
         world_size x its tokens / the micro-batch's tokens (the micro-batch's token mean). Then one
-        gradient clip and one AdamW step. Logged loss and token-mean diagnostics are those of the
-        whole micro-batch. Old log-probs come from the rollout when credit computed them, else from
+        gradient clip and one AdamW step; the gradients are freed at the end. Logged loss and
+        token-mean diagnostics are those of the whole micro-batch. Old log-probs come from the rollout when credit computed them, else from
         a forward here on the same chunks, timed as time_old_logp.
         """
         cfg = self.config
@@ -691,6 +691,8 @@ class GRPO:
                 self.optimizer.step()
                 grad_norms.append(local_value(grad_norm).item())  # of the averaged gradient: same on all ranks
                 logs.append(log)
+        # the gradients would otherwise sit through the next step's generation (4 B per parameter)
+        self.optimizer.zero_grad(set_to_none=True)
         stats.update(_whole_batch_logs(logs, self.world))
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return stats

@@ -52,8 +52,10 @@ COUNTDOWN_MAX_NUMBER = 99       # operands drawn from 1..99
 COUNTDOWN_MAX_TARGET = 100      # targets are integers in 1..100
 COUNTDOWN_TRAIN_SIZE = 20_000   # PAPER.md Section 4: 20,000 train / 512 test instances
 COUNTDOWN_TEST_SIZE = 512
-SEARCH_DEAD_ENDS = (2, 3)        # rejected chains before the solution in a 'search' worked solution
-SEARCH_DRAWS = 20               # random chains drawn to find one that misses the target
+SEARCH_DEAD_ENDS = (1, 4)        # rejected chains before the solution in a 'search' worked solution
+SEARCH_MAX_VALUE = 200          # no step of a rejected chain goes above this (arithmetic a tiny model learns)
+SEARCH_NEAR = 40                # a rejected chain ends within this distance of the target, never on it
+SEARCH_DRAWS = 200              # random chains drawn to find one near miss
 MAX_ANSWER_CHARS = 256          # longer <answer> contents are rejected before parsing
 MAX_NUMBER_DIGITS = 9           # bounds every integer literal the parser will build
 MAX_PAREN_DEPTH = 32            # bounds recursion in the parser: far below Python's limit
@@ -374,16 +376,19 @@ def countdown_worked_solution(numbers: list, target: int, rng: Optional[random.R
     return f"{opening}{', '.join(node.steps)}</think> <answer>{node.expr}</answer>"
 
 
-def _dead_end(numbers: list, target: int, rng: random.Random) -> Optional[_Node]:
-    """A random chain of integer steps that uses every number and misses the target (None after
-    SEARCH_DRAWS draws that all hit it)."""
+def _near_miss(numbers: list, target: int, rng: random.Random) -> Optional[_Node]:
+    """A random chain of integer steps that uses every number, stays at or below SEARCH_MAX_VALUE and
+    ends within SEARCH_NEAR of the target without reaching it (None after SEARCH_DRAWS draws)."""
     for _ in range(SEARCH_DRAWS):
         items = [_Node(Fraction(n), str(n), _ATOM, ()) for n in numbers]
         while len(items) > 1:
             a = items.pop(rng.randrange(len(items)))
             b = items.pop(rng.randrange(len(items)))
-            items.append(rng.choice(_candidates(a, b, integer_only=True)))  # a + b is always a candidate
-        if items[0].value != target:
+            steps = [n for n in _candidates(a, b, integer_only=True) if n.value <= SEARCH_MAX_VALUE]
+            if not steps:
+                break
+            items.append(rng.choice(steps))
+        if len(items) == 1 and items[0].value != target and abs(items[0].value - target) <= SEARCH_NEAR:
             return items[0]
     return None
 
@@ -392,22 +397,35 @@ def countdown_search_solution(numbers: list, target: int, rng: Optional[random.R
                               prompt_style: str = "compact") -> str:
     """A worked search: chains of steps that are tried and rejected, then the one that reaches the
     target, then the answer:
-    '<think>14-5=9, 16-9=7 no; 5*14=70, 70-16=54 no; 16-5=11, 14+11=25 yes</think> <answer>14+16-5</answer>'.
-    Each tried chain uses every number and ends in ' no;' (its last value misses the target) or
-    ' yes' (it reaches it); the count of rejected chains is drawn from SEARCH_DEAD_ENDS. So the
-    response is several reasoning steps long and a few tokens decide it: the first step of each
-    chain, the verdict, and the answer, which must repeat the accepted chain. rng=None draws from a
-    generator seeded by the instance (deterministic). Project default, not in the paper: the paper's
-    Qwen3 models write their own search; this is the short, regular form a model trained from scratch
-    can learn in minutes."""
+    '<think>16-12=4, 18-4=14 no; 16+18=34, 34-12=22 no; 18-16=2, 12/2=6 yes</think> <answer>12/(18-16)</answer>'.
+    Each chain uses every number. A rejected chain is a near miss: its values stay at or below
+    SEARCH_MAX_VALUE and it ends within SEARCH_NEAR of the target without reaching it (' no;'); the
+    accepted one reaches it (' yes'). 1 to 4 near misses are drawn (SEARCH_DEAD_ENDS, uniform); one
+    that repeats an earlier chain, or an instance that has none, leaves a draw out, so 0 to 4 chains
+    are rejected (over 300 instances: 7%, 24%, 36%, 24%, 9%). A verdict cannot be told from a chain's
+    place: a model has to compare the chain's last value with the target, and searches on when it
+    misses.
+    That is what makes RL useful here: sampling tries other chains, and a correct verdict turns a
+    lucky chain into a right answer. The response is several reasoning steps long (about 82 tokens
+    with the byte-level tokenizer) and a few tokens decide it: the first step of each chain, the
+    verdicts and the answer, which repeats the accepted chain. rng=None draws from a generator
+    seeded by the instance (deterministic). Project default, not in the paper: the paper's Qwen3
+    models write their own search; this is the short, regular form a model trained from scratch can
+    learn in minutes. (Until 2026-12-03 the rejected chains were 2 or 3 random chains of any size,
+    and plain GRPO learned nothing from them: README "Does it help?".)"""
     if prompt_style not in ("tinyzero", "compact"):
         raise ValueError(f"countdown prompt_style must be 'tinyzero' or 'compact', got {prompt_style!r}")
     rng = random.Random(f"{numbers}->{target}") if rng is None else rng
     node = _solve_node(numbers, target, rng)
     if node is None:
         raise ValueError(f"Countdown instance {numbers} -> {target} has no solution")
-    tried = [_dead_end(numbers, target, rng) for _ in range(rng.randint(*SEARCH_DEAD_ENDS))]
-    chains = [", ".join(n.steps) + " no;" for n in tried if n is not None] + [", ".join(node.steps) + " yes"]
+    tried = []
+    for _ in range(rng.randint(*SEARCH_DEAD_ENDS)):
+        miss = _near_miss(numbers, target, rng)
+        chain = None if miss is None else ", ".join(miss.steps)
+        if chain is not None and chain not in tried:
+            tried.append(chain)
+    chains = [chain + " no;" for chain in tried] + [", ".join(node.steps) + " yes"]
     opening = "<think>" if prompt_style == "compact" else ""
     return f"{opening}{' '.join(chains)}</think> <answer>{node.expr}</answer>"
 

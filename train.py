@@ -132,15 +132,17 @@ PAPER = dict(run=dict(num_numbers=4, max_number=99, max_target=100, prompt_style
                      temperature=1.0, strategy="coupled", eval_batch_size=128))
 
 # The rhythm testbed (--preset rhythm): a CPU setting where token-level credit has something to select.
-# Countdown with four numbers and a worked search (tasks.countdown_search_solution): one or two chains of
-# three steps that are tried and rejected ('... =47 no;') before the chain that reaches the target and the
-# answer, about 90 tokens a response (the demo's are about 30), in which the first step of each chain,
-# its verdict and the answer decide the reward. H_lo/H_hi stay at the paper's 10/100: a response is about
-# as long as H_hi, so FAI is defined on all but the last 10 tokens. Tuned on --credit none only, on
-# seeds 1000-1001, which no reported comparison uses (README "Does it help?").
-RHYTHM = dict(run=dict(solution="search", steps=150, eval_every=25, checkpoint_every=25, sft_steps=400,
-                       sft_batch=32),
-              rl=dict(group_size=8, rollout_batch_size=64, micro_batch_size=32, max_new_tokens=128, lr=5e-5,
+# Countdown with three numbers up to 30 and a worked search (tasks.countdown_search_solution): up to four
+# near-miss chains of two steps, each checked against the target and rejected ('... =47 no;'), before the
+# chain that reaches it and the answer: about 90 tokens a response (the demo's are about 30), in which
+# the first step of each chain, the verdicts and the answer decide the reward. H_lo/H_hi stay at the
+# paper's 10/100: a response is about as long as H_hi, so FAI is defined on all but the last 10 tokens.
+# The demo's model, lr and temperature; a warm-up of 500 x 64 and 80 GRPO steps of 16 prompts x 8 (a
+# 3-strategy x 5-seed comparison fits in 90 minutes on 2 cores with --jobs 3). Tuned on --credit none
+# only, on seeds 1000-1003, which no reported comparison uses (README "Does it help?").
+RHYTHM = dict(run=dict(solution="search", steps=80, eval_every=20, checkpoint_every=20, sft_steps=500,
+                       sft_batch=64),
+              rl=dict(group_size=8, rollout_batch_size=128, micro_batch_size=32, max_new_tokens=128, lr=5e-5,
                       min_lr_ratio=0.1, temperature=0.7, strategy="coupled", eval_batch_size=256))
 PRESETS = dict(demo=DEMO, rhythm=RHYTHM, paper=PAPER)
 
@@ -690,13 +692,22 @@ def run_jobs(jobs: list[dict], workers: int, desc: str):
             pass
 
 
+def credit_variant(rl: RLConfig, label: str) -> RLConfig:
+    """rl with the strategy a compare label names: 'coupled', or 'coupled+mean' for the same strategy
+    with --gamma-norm mean (each response's gamma rescaled to mean 1), so one comparison can report
+    the normalised runs beside the unnormalised ones. ConfigError (a ValueError) for a bad name."""
+    strategy, _, gamma_norm = label.partition("+")
+    return replace(rl, strategy=strategy, gamma_norm=gamma_norm or rl.gamma_norm)
+
+
 def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, jobs: int = 1,
             parallel: str | None = None) -> dict:
     """Every strategy in credits on seeds run.seed .. run.seed + seeds - 1, paired by seed.
 
     Paired: the strategies of a seed start from one warm-up (scratch models: warm-up-seed<S>/, made
     once) and see the same prompts in the same order (data_order depends on the seed only) and the
-    same evaluation problems. credits[0] is the baseline. Each run writes DIR/<strategy>-seed<S>/;
+    same evaluation problems. credits[0] is the baseline; a label may add a gamma normalisation
+    ('coupled+mean', credit_variant). Each run writes DIR/<label>-seed<S>/;
     a rerun of the same command skips finished runs and resumes the others from their checkpoints.
     jobs: runs side by side, each in its own process; on CPU each gets cores // jobs threads, with
     several GPUs each job gets one (round robin). Writes compare.json, compare.md and compare.png.
@@ -717,8 +728,8 @@ def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, jobs: 
     if is_main():
         root.mkdir(parents=True, exist_ok=True)
     run_jobs(todo, jobs, "warm-ups")
-    runs = [(credit, s, replace(run, out=str(root / f"{credit}-seed{s}"), seed=s), replace(rl, strategy=credit, seed=s))
-            for s in seed_list for credit in credits]
+    runs = [(credit, s, replace(run, out=str(root / f"{credit}-seed{s}"), seed=s),
+             replace(credit_variant(rl, credit), seed=s)) for s in seed_list for credit in credits]
     run_jobs([job(i, sub_run, sub_rl, warm[s]) for i, (_, s, sub_run, sub_rl) in enumerate(runs)], jobs, "runs")
     if not is_main():
         return {}
@@ -770,11 +781,11 @@ def main(argv=None):
         return resume_run(Path(args.resume), parallel, args.steps)
     if command == "compare":
         credits = args.credit.split(",") if args.credit else ["none", "coupled"]
-        args.credit = credits[0]
+        args.credit = credits[0].partition("+")[0]
         run, rl = resolve(args)
         for credit in credits:
             try:
-                replace(rl, strategy=credit)  # validates each name before any run starts
+                credit_variant(rl, credit)  # validates each name before any run starts
             except ValueError as e:
                 raise flag_error(e, FIELD_FLAGS) from None
         if args.seeds < 1:

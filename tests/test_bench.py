@@ -4,6 +4,7 @@
 import re
 
 import pytest
+import torch
 
 import bench
 from model import Qwen3Config, Transformer
@@ -92,15 +93,55 @@ def test_gpu_check_runs_shrunk_on_cpu(tmp_path):
 
 
 def test_phase_predictions_by_hand():
-    """phases.predict's formulas on a small config, computed by hand."""
+    """phases.predict's formulas on a small config, computed by hand: h 8, hq 2 x 4, hkv 1 x 4, i 16, 3 layers."""
     import phases
 
     config = Qwen3Config(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     shape = dict(rows=2, tokens=10, response=6)
     assert phases.predict("weights", config, 1000, {}, 4, True) == 4000
-    assert phases.predict("generation", config, 1000, shape, 2, True) == 2 * 3 * 1 * 4 * 2 * 2 * 10
-    logits = 6 * 2 * 7 * 100
-    assert phases.predict("credit", config, 1000, shape, 2, True) == logits
-    assert phases.predict("update", config, 1000, shape, 2, True) == 12_000 + 34 * 20 * 8 * 3 + logits
-    assert phases.predict("update", config, 1000, shape, 4, False) == 4_000 + 68 * 20 * 8 * 3 + logits
+    assert phases.predict("weights", config, 1000, dict(mapped=2000), 4, True) == 6000
+    kv = 2 * 3 * 1 * 4 * 2 * 2 * 10
+    assert phases.predict("generation", config, 1000, shape, 2, True) == 2000 + kv  # + the bf16 weight copy
+    assert phases.predict("generation", config, 1000, shape, 4, True) == 2 * kv
+    logits_bf16, logits_fp32 = 10 * 2 * 7 * 100, 8 * 2 * 7 * 100
+    assert phases.predict("credit", config, 1000, shape, 2, True) == logits_bf16
+    per_row = 8 + 8 * 2 + 4 * 1  # fp32 norm scales, logsumexp per head
+    act_bf16 = (26 * 8 + 10 * 8 + 10 * 4 + 8 * 16 + per_row) * 20 * 3
+    act_fp32 = (24 * 8 + 16 * 8 + 16 * 4 + 16 * 16 + per_row) * 20 * 3
+    assert phases.predict("update", config, 1000, shape, 2, True) == 12_000 + act_bf16 + logits_bf16
+    assert phases.predict("update", config, 1000, shape, 4, False) == 4_000 + act_fp32 + logits_fp32
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["bf16", "fp32"])
+def test_activation_formula_counts_what_autograd_keeps(autocast):
+    """phases.activation_bytes against torch's own count: the bytes of every tensor autograd saves
+    for the backward (saved-tensor hooks, each storage once), for layers of two shapes (GQA and
+    not), less what grows with neither the depth nor the length (weights and their bf16 casts,
+    embedding, final norm)."""
+    import phases
+
+    def saved_bytes(config, tokens):
+        model = Transformer(config)
+        storages = {}
+
+        def keep(t):
+            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        ids = torch.randint(0, config.vocab_size, (1, tokens))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(ids, logits_to_keep=1)
+        return sum(storages.values())
+
+    element_bytes = 2 if autocast else 4
+    for heads, kv_heads, head_dim, hidden, intermediate in ((4, 2, 40, 96, 352), (6, 6, 16, 64, 200)):
+        kw = dict(vocab_size=300, hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=head_dim, tie_word_embeddings=True)
+        # differences over the depth and the length leave what each layer keeps per token
+        per_token = [saved_bytes(Qwen3Config(num_hidden_layers=n, **kw), 60)
+                     - saved_bytes(Qwen3Config(num_hidden_layers=n, **kw), 30) for n in (1, 3)]
+        measured = (per_token[1] - per_token[0]) / 2
+        predicted = phases.activation_bytes(Qwen3Config(num_hidden_layers=1, **kw), 30, element_bytes)
+        assert abs(measured - predicted) <= 0.005 * predicted, (heads, kv_heads, measured, predicted)

@@ -81,7 +81,7 @@ def test_summarize_pairs_by_seed_with_hand_computed_deltas():
 
 def test_smoke_compare_is_paired_parallel_and_skips_finished_runs(tmp_path):
     out = tmp_path / "cmp"
-    command = [sys.executable, str(ROOT / "train.py"), "compare", "--smoke", "--credit", "none,random",
+    command = [sys.executable, str(ROOT / "train.py"), "compare", "--smoke", "--credit", "none,random,random+mean",
                "--seeds", "2", "--seed", "5", "--jobs", "2", "--out", str(out)]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
     report = json.loads((out / "compare.json").read_text())
@@ -89,13 +89,19 @@ def test_smoke_compare_is_paired_parallel_and_skips_finished_runs(tmp_path):
     assert [r["seed"] for r in report["strategies"]["random"]["per_seed"]] == [5, 6]
     assert set(report["strategies"]["random"]["delta"]) >= {"mean", "ci_low", "ci_high", "wins", "seeds"}
     assert (out / "compare.md").is_file() and (out / "compare.png").stat().st_size > 0
+    # 'random+mean': the random strategy with each response's gamma rescaled to mean 1, beside plain random
+    assert set(report["strategies"]) == {"none", "random", "random+mean"}
+    for label, gamma_norm in (("random", "none"), ("random+mean", "mean")):
+        rl = json.loads((out / f"{label}-seed5" / "run_config.json").read_text())["rl"]
+        assert (rl["strategy"], rl["gamma_norm"]) == ("random", gamma_norm)
     for seed in (5, 6):
         first = [[json.loads(line) for line in (out / f"{c}-seed{seed}" / "metrics.jsonl").read_text().splitlines()]
-                 for c in ("none", "random")]
+                 for c in ("none", "random", "random+mean")]
         # one warm-up per seed: the same held-out accuracy before RL, the same first rollouts
-        assert first[0][0] == first[1][0] and first[0][0]["kind"] == "eval"
-        assert first[0][1]["reward_mean"] == first[1][1]["reward_mean"]
-        assert first[0][1]["response_length"] == first[1][1]["response_length"]
+        for other in first[1:]:
+            assert first[0][0] == other[0] and first[0][0]["kind"] == "eval"
+            assert first[0][1]["reward_mean"] == other[1]["reward_mean"]
+            assert first[0][1]["response_length"] == other[1]["response_length"]
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-seed*/summary.json")}
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*-seed*/summary.json")} == stamps  # nothing reran

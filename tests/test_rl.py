@@ -280,6 +280,15 @@ def test_grpo_raises_reward(strategy):
         assert all(m["amplified_frac"] == 0 and m["gamma_mean"] == 1 for m in history)
 
 
+def test_update_frees_the_gradients():
+    """No gradient is held after a step: the next step's generation would otherwise carry 4 B per
+    parameter it never uses (phases.predict counts them inside the update only)."""
+    trainer = _trainer("coupled", micro_batch_size=4)
+    metrics = trainer.step(EXAMPLES)
+    assert metrics["grad_norm"] > 0
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
 def test_same_seed_same_metrics_and_resume(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -397,10 +406,23 @@ def test_step_needs_prompts_per_step_examples():
 # gradient accumulation
 
 
+def _last_gradients(trainer) -> dict:
+    """Filled with each parameter's gradient as the trainer's last AdamW step sees it (the update
+    frees the gradients when it ends)."""
+    grads, step = {}, trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.update({name: p.grad.clone() for name, p in trainer.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    return grads
+
+
 @pytest.mark.parametrize("norm", ["sequence", "token"])
 def test_grad_accum_chunks_sum_to_the_micro_batch_gradient(norm):
     """One rollout batch of 8 = one micro-batch of 8, taken whole or as 4 chunks of 2: the same
-    gradient (kept in .grad after the step), the same AdamW step and the same logged values. Two
+    gradient (as the last AdamW step sees it), the same AdamW step and the same logged values. Two
     PPO epochs, so the second pass runs at ratios != 1 on moved weights, with the KL and entropy
     terms on and random credit (gamma != 1). AdamW's first steps move a weight by about lr = 1e-4
     whatever the size of its gradient, so the weights agree to rounding of the normalised update
@@ -412,6 +434,7 @@ def test_grad_accum_chunks_sum_to_the_micro_batch_gradient(norm):
     forward, update = chunked._logprobs, chunked.update
     chunked._logprobs = lambda model, batch, **k: calls.append(len(batch["advantages"])) or forward(model, batch, **k)
     chunked.update = lambda roll, seed: lengths.extend(map(len, roll.response_ids)) or update(roll, seed)
+    grads_whole, grads_chunked = _last_gradients(whole), _last_gradients(chunked)
     a, b = whole.step(EXAMPLES[:2]), chunked.step(EXAMPLES[:2])
     assert set(calls) == {2}  # every forward of the chunked run holds 2 responses
     assert len(set(lengths)) > 2  # so token and sequence norms weigh the chunks differently
@@ -420,8 +443,8 @@ def test_grad_accum_chunks_sum_to_the_micro_batch_gradient(norm):
     assert a["clip_frac"] >= 0 and a["approx_kl"] > 0  # the second epoch moved off ratio 1
     for (name, p), q in zip(whole.model.named_parameters(), chunked.model.parameters()):
         assert (p - q).abs().max().item() <= 1e-6, name
-        scale = p.grad.abs().max().item()
-        assert (p.grad - q.grad).abs().max().item() <= 1e-5 * scale + 1e-12, name
+        scale = grads_whole[name].abs().max().item()
+        assert (grads_whole[name] - grads_chunked[name]).abs().max().item() <= 1e-5 * scale + 1e-12, name
     assert whole.state_dict()["optim.embed_tokens.weight.step"].item() == 2  # one AdamW step per micro-batch
     assert chunked.state_dict()["optim.embed_tokens.weight.step"].item() == 2
 

@@ -284,8 +284,10 @@ def check_chain(chain: str, numbers: list) -> Fraction:
 
 def test_search_solution_tries_and_rejects_before_it_answers():
     """The 'search' worked solution: chains of correct steps that use every number once, each rejected
-    chain missing the target and marked ' no;', then the one that reaches it marked ' yes', then its
-    equation as the answer (which TinyZero's rule scores 1.0)."""
+    chain a near miss (every value at most SEARCH_MAX_VALUE, the last within SEARCH_NEAR of the target
+    but not on it, no chain tried twice) marked ' no;', then the one that reaches it marked ' yes',
+    then its equation as the answer (which TinyZero's rule scores 1.0). Every count of rejected chains
+    from 0 to 4 occurs, so no verdict can be told from its place."""
     task = make_task("countdown", seed=3, num_numbers=3, n_train=300, n_test=8, prompt_style="compact",
                      solution_style="search")
     rng = random.Random(0)
@@ -297,12 +299,16 @@ def test_search_solution_tries_and_rejects_before_it_answers():
         think, answer = re.fullmatch(r"<think>(.*)</think> <answer>(.*)</answer>", text).groups()
         *tried, accepted = think.split("; ")
         dead_ends[len(tried)] += 1
+        assert len(set(tried)) == len(tried)
         for chain in tried:
-            assert chain.endswith(" no") and check_chain(chain[:-3], numbers) != target
+            assert chain.endswith(" no")
+            last = check_chain(chain[:-3], numbers)
+            assert last != target and abs(last - target) <= 40, chain
+            assert all(int(step.split("=")[1]) <= 200 for step in chain[:-3].split(", ")), chain
         assert accepted.endswith(" yes") and check_chain(accepted[:-4], numbers) == target
         assert countdown_reward(text, numbers, target) == 1.0
         assert parse_equation(answer)[0] == target
-    assert set(dead_ends) == set(range(tasks.SEARCH_DEAD_ENDS[0], tasks.SEARCH_DEAD_ENDS[1] + 1))
+    assert set(dead_ends) == {0, 1, 2, 3, 4} and min(dead_ends.values()) >= 10
     first = task.train[0]
     assert countdown_search_solution(first.answer["numbers"], first.answer["target"]) == \
         countdown_search_solution(first.answer["numbers"], first.answer["target"])  # rng=None: deterministic

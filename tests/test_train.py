@@ -160,6 +160,7 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "init-nonexistent": (["--init", "/nonexistent"], "no such directory /nonexistent (and it is not a hub id)"),
         "compare-seeds-0": (["compare", "--smoke", "--seeds", "0"], "--seeds 0"),
         "compare-bad-credit": (["compare", "--smoke", "--credit", "none,loud"], "--credit loud"),
+        "compare-bad-gamma-norm": (["compare", "--smoke", "--credit", "none,coupled+max"], "--gamma-norm max"),
         "analyze-num-prompts-0": (["analyze", "--init", tiny_checkpoint, "--num-prompts", "0"], "--num-prompts"),
         "analyze-temperature": (["analyze", "--init", tiny_checkpoint, "--temperature", "-1"], "--temperature"),
         "analyze-layers-beyond": (["analyze", "--init", tiny_checkpoint, "--layers", "5"], "the model has 2 layers"),
@@ -301,8 +302,9 @@ def test_rhythm_preset_is_the_documented_testbed():
     """--preset rhythm: Countdown (3 numbers) with the worked-search warm-up, responses long enough that
     FAI is defined on most tokens (max_new_tokens 128 > H_hi), the paper's H_lo/H_hi; flags still win."""
     run, rl = resolved("--preset", "rhythm")
-    assert (run.solution, run.num_numbers, run.init, run.sft_batch) == ("search", 3, None, 32)
-    assert (rl.max_new_tokens, rl.h_lo, rl.h_hi, rl.group_size, rl.rollout_batch_size) == (128, 10, 100, 8, 64)
+    assert (run.solution, run.num_numbers, run.init, run.sft_steps, run.sft_batch) == ("search", 3, None, 500, 64)
+    assert (run.steps, run.eval_every) == (80, 20)
+    assert (rl.max_new_tokens, rl.h_lo, rl.h_hi, rl.group_size, rl.rollout_batch_size) == (128, 10, 100, 8, 128)
     assert resolved("--preset", "rhythm", "--credit", "none", "--steps", "7")[1].strategy == "none"
     assert resolved("--preset", "rhythm", "--steps", "7")[0].steps == 7
     demo_run, demo_rl = resolved()
