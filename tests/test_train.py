@@ -303,7 +303,7 @@ def test_rhythm_preset_is_the_documented_testbed():
     FAI is defined on most tokens (max_new_tokens 128 > H_hi), the paper's H_lo/H_hi; flags still win."""
     run, rl = resolved("--preset", "rhythm")
     assert (run.solution, run.num_numbers, run.init, run.sft_steps, run.sft_batch) == ("search", 3, None, 600, 64)
-    assert (run.steps, run.eval_every) == (80, 20)
+    assert (run.steps, run.eval_every) == (100, 25)
     assert (rl.max_new_tokens, rl.h_lo, rl.h_hi, rl.group_size, rl.rollout_batch_size) == (128, 10, 100, 8, 128)
     assert resolved("--preset", "rhythm", "--credit", "none", "--steps", "7")[1].strategy == "none"
     assert resolved("--preset", "rhythm", "--steps", "7")[0].steps == 7
