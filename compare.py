@@ -13,7 +13,8 @@ told apart by one evaluation.
 compare.json: {"baseline", "seeds", "eval_problems", "binomial_se", "interval", "strategies": {name:
 {"per_seed": [{"seed", "before", "final", "best"}] in percent, "curve": {"steps", "mean", "low",
 "high"} (EMA of best, min-max over seeds), and for every strategy but the baseline "delta": {"mean",
-"ci_low", "ci_high", "wins", "seeds", "per_seed"} of final minus the baseline's final, in points}}}.
+"ci_low", "ci_high", "wins", "seeds", "per_seed"} of final minus the baseline's final, in points, and
+"delta_curve": {"steps", "mean", "low", "high"}, the paired difference at every evaluation}}}.
 """
 
 import math
@@ -100,6 +101,18 @@ def binomial_se(p, n_eval):
     return 100 * math.sqrt(p * (1 - p) / n_eval)
 
 
+def _paired_curve(runs: dict, baseline_runs: dict, seeds: list, name: str) -> dict:
+    """Held-out accuracy minus the baseline's on the same seed at every evaluation (raw, not smoothed:
+    the EMA of best would hide a drop), in points: mean and min-max over seeds."""
+    steps = baseline_runs[seeds[0]]["steps"]
+    for s in seeds:
+        if runs[s]["steps"] != steps or baseline_runs[s]["steps"] != steps:
+            raise ValueError(f"strategy {name}, seed {s}: evaluated at other steps than the baseline's {steps}")
+    differences = [[100 * (a - b) for a, b in zip(runs[s]["accuracy"], baseline_runs[s]["accuracy"])] for s in seeds]
+    return {"steps": steps, "mean": [sum(d) / len(d) for d in zip(*differences)],
+            "low": [min(d) for d in zip(*differences)], "high": [max(d) for d in zip(*differences)]}
+
+
 def summarize(results: dict, baseline: str, eval_problems: int) -> dict:
     """The comparison as compare.json holds it.
 
@@ -118,6 +131,7 @@ def summarize(results: dict, baseline: str, eval_problems: int) -> dict:
                            "low": [min(c) for c in zip(*curves)], "high": [max(c) for c in zip(*curves)]}}
         if name != baseline:
             entry["delta"] = paired_delta([100 * (runs[s]["final"] - results[baseline][s]["final"]) for s in seeds])
+            entry["delta_curve"] = _paired_curve(runs, results[baseline], seeds, name)
         strategies[name] = entry
     finals = [run["final"] for runs in results.values() for run in runs.values()]
     return {"baseline": baseline, "seeds": seeds, "eval_problems": eval_problems,

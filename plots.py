@@ -255,21 +255,37 @@ def draw_rhythm(model, tokenizer, trainer, examples, out: Path, rl: RLConfig, h_
 
 
 def plot_compare(report: dict, path: Path):
-    """compare.png: each strategy's held-out accuracy (EMA of best, as in the paper), the mean over
-    seeds as a line and the min-max over seeds as a band (compare.summarize's curves)."""
+    """compare.png. Left: each strategy's held-out accuracy (EMA of best, as in the paper), the mean
+    over seeds as a line and the min-max over seeds as a band (compare.summarize's curves). Right: the
+    paired difference from the baseline on the same seed at every evaluation, which the seeds' spread
+    on the left hides."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_delta) = plt.subplots(1, 2, figsize=(12, 4.5))
+    n_seeds = len(report["seeds"])
     for i, (name, entry) in enumerate(report["strategies"].items()):
         curve = entry["curve"]
-        ax.plot(curve["steps"], curve["mean"], color=f"C{i}", label=f"{name} (mean of {len(report['seeds'])} seeds)")
+        ax.plot(curve["steps"], curve["mean"], color=f"C{i}", label=f"{name} (mean of {n_seeds} seeds)")
         ax.fill_between(curve["steps"], curve["low"], curve["high"], color=f"C{i}", alpha=0.2)
+        if "delta_curve" in entry:
+            delta = entry["delta_curve"]
+            ax_delta.plot(delta["steps"], delta["mean"], color=f"C{i}", marker="o", label=f"{name} - {report['baseline']}")
+            ax_delta.fill_between(delta["steps"], delta["low"], delta["high"], color=f"C{i}", alpha=0.2)
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel("held-out accuracy %, EMA of best (band: min-max over seeds)")
+    ax.set_title("held-out accuracy, EMA of best (band: min-max over seeds)", fontsize=10)
+    ax.set_ylabel("accuracy, %")
     ax.grid(alpha=0.3)
     ax.legend()
+    ax_delta.axhline(0, color="black", lw=0.8)
+    ax_delta.axhspan(-2 * report["binomial_se"], 2 * report["binomial_se"], color="grey", alpha=0.15,
+                     label="±2 binomial SE of one evaluation")
+    ax_delta.set_xlabel("GRPO step")
+    ax_delta.set_title(f"minus {report['baseline']} on the same seed, not smoothed (band: min-max)", fontsize=10)
+    ax_delta.set_ylabel("paired difference, points")
+    ax_delta.grid(alpha=0.3)
+    ax_delta.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

