@@ -101,6 +101,13 @@ def binomial_se(p, n_eval):
     return 100 * math.sqrt(p * (1 - p) / n_eval)
 
 
+def _band(steps: list, curves: list) -> dict:
+    """One curve per seed, all at the same steps -> their mean and min-max at each step."""
+    at_step = list(zip(*curves))
+    return {"steps": steps, "mean": [sum(v) / len(v) for v in at_step],
+            "low": [min(v) for v in at_step], "high": [max(v) for v in at_step]}
+
+
 def _paired_curve(runs: dict, baseline_runs: dict, seeds: list, name: str) -> dict:
     """Held-out accuracy minus the baseline's on the same seed at every evaluation (raw, not smoothed:
     the EMA of best would hide a drop), in points: mean and min-max over seeds."""
@@ -108,9 +115,8 @@ def _paired_curve(runs: dict, baseline_runs: dict, seeds: list, name: str) -> di
     for s in seeds:
         if runs[s]["steps"] != steps or baseline_runs[s]["steps"] != steps:
             raise ValueError(f"strategy {name}, seed {s}: evaluated at other steps than the baseline's {steps}")
-    differences = [[100 * (a - b) for a, b in zip(runs[s]["accuracy"], baseline_runs[s]["accuracy"])] for s in seeds]
-    return {"steps": steps, "mean": [sum(d) / len(d) for d in zip(*differences)],
-            "low": [min(d) for d in zip(*differences)], "high": [max(d) for d in zip(*differences)]}
+    return _band(steps, [[100 * (a - b) for a, b in zip(runs[s]["accuracy"], baseline_runs[s]["accuracy"])]
+                         for s in seeds])
 
 
 def summarize(results: dict, baseline: str, eval_problems: int) -> dict:
@@ -127,8 +133,7 @@ def summarize(results: dict, baseline: str, eval_problems: int) -> dict:
         curves = [[100 * v for v in ema_of_best(runs[s]["accuracy"])] for s in seeds]
         entry = {"per_seed": [{"seed": s, "before": 100 * runs[s]["before"], "final": 100 * runs[s]["final"],
                                "best": 100 * runs[s]["best"]} for s in seeds],
-                 "curve": {"steps": runs[seeds[0]]["steps"], "mean": [sum(c) / len(c) for c in zip(*curves)],
-                           "low": [min(c) for c in zip(*curves)], "high": [max(c) for c in zip(*curves)]}}
+                 "curve": _band(runs[seeds[0]]["steps"], curves)}
         if name != baseline:
             entry["delta"] = paired_delta([100 * (runs[s]["final"] - results[baseline][s]["final"]) for s in seeds])
             entry["delta_curve"] = _paired_curve(runs, results[baseline], seeds, name)
