@@ -139,19 +139,23 @@ PAPER = dict(run=dict(num_numbers=4, max_number=99, max_target=100, prompt_style
 # paper's 10/100: a response is about as long as H_hi, so FAI is defined on all but the last 10 tokens.
 # The demo's model, lr and temperature; a warm-up of 600 x 64 (500 left plain GRPO shortening the
 # search instead of learning) and 100 GRPO steps of 16 prompts x 8 (80 were too few on two of four
-# seeds), so that a 3-strategy x 5-seed comparison fits in 90 minutes on 2 cores with --jobs 3. Tuned
-# on --credit none only, on seeds 1000-1005, which no reported comparison uses (README "Does it help?").
+# seeds), so that a 3-strategy x 5-seed comparison fits in 90 minutes on 2 cores with --jobs 3; old
+# log-probs from the sampler (old_logp="generate": in fp32 they equal a forward's to 1e-6), which saves
+# that forward, 15% of a step. Tuned on --credit none only, on seeds 1000-1005, which no reported
+# comparison uses (README "Does it help?").
 RHYTHM = dict(run=dict(solution="search", steps=100, eval_every=25, checkpoint_every=25, sft_steps=600,
                        sft_batch=64),
               rl=dict(group_size=8, rollout_batch_size=128, micro_batch_size=32, max_new_tokens=128, lr=5e-5,
-                      min_lr_ratio=0.1, temperature=0.7, strategy="coupled", eval_batch_size=256))
+                      min_lr_ratio=0.1, temperature=0.7, strategy="coupled", eval_batch_size=256,
+                      old_logp="generate"))
 PRESETS = dict(demo=DEMO, rhythm=RHYTHM, paper=PAPER)
 
 # flag -> (section, field); everything else maps to the RunConfig field of the same name
 RL_FLAGS = dict(credit="strategy", bottom="bottom", q="q", gamma_amp="gamma_amp", alpha="alpha", k="k",
                 window="window", h_lo="h_lo", h_hi="h_hi", layers="credit_layers", heads="credit_heads",
                 sign="sign", group_size="group_size", rollout_batch="rollout_batch_size",
-                micro_batch="micro_batch_size", ppo_epochs="ppo_epochs", lr="lr", max_new_tokens="max_new_tokens",
+                micro_batch="micro_batch_size", ppo_epochs="ppo_epochs", old_logp="old_logp", lr="lr",
+                max_new_tokens="max_new_tokens",
                 temperature="temperature", clip_eps="clip_eps", kl_coef="kl_coef", norm="norm",
                 lr_warmup_steps="lr_warmup_steps", min_lr_ratio="min_lr_ratio", grad_accum="grad_accum",
                 gamma_norm="gamma_norm")
@@ -204,6 +208,8 @@ def add_rl_flags(p, credit_type=str):
     p.add_argument("--grad-accum", dest="grad_accum", type=int,
                    help="forward/backward chunks per gradient step (memory; the step is the same)")
     p.add_argument("--ppo-epochs", dest="ppo_epochs", type=int)
+    p.add_argument("--old-logp", dest="old_logp", choices=["recompute", "generate"],
+                   help="old log-probs: a no-grad forward (default) or the sampler's own (no forward)")
     p.add_argument("--lr", type=float)
     p.add_argument("--lr-warmup-steps", dest="lr_warmup_steps", type=int, help="linear lr warm-up (GRPO steps)")
     p.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float,
@@ -681,16 +687,38 @@ def compare_job(job: dict) -> str:
     return run.out
 
 
-def run_jobs(jobs: list[dict], workers: int, desc: str):
-    """Run compare_job over jobs, `workers` at a time in fresh processes (or here when 1), with a bar."""
+def run_jobs(warmups: dict, runs: list, workers: int, gpus: int = 0, work=None):
+    """Run work (compare_job) over the warm-ups ({seed: job}) and the runs ([(seed, job)]), `workers`
+    at a time in fresh processes (or here when 1), with one bar. A seed's runs join the queue the
+    moment its warm-up is saved, so no worker waits for the slowest warm-up (the 5-seed testbed
+    comparison spent 29 minutes on warm-ups before any run could start). With gpus, worker slot i
+    owns GPU i % gpus: two jobs share a GPU only when there are more workers than GPUs."""
+    work = work or compare_job
+    bar = tqdm(total=len(warmups) + len(runs), desc="warm-ups and runs")
     if workers == 1:
-        for job in tqdm(jobs, desc=desc):
-            compare_job(job)
+        for job in [*warmups.values(), *(job for _, job in runs)]:
+            work(job)
+            bar.update()
         return
     import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-        for _ in tqdm(pool.imap_unordered(compare_job, jobs), total=len(jobs), desc=desc):
-            pass
+    import queue as queues
+    finished_jobs = queues.SimpleQueue()  # (worker slot, error or None), put by the pool's result thread
+    todo = [(seed, job) for seed, job in warmups.items()]  # (seed of the warm-up or None, job)
+    todo += [(None, job) for seed, job in runs if seed not in warmups]
+    running = {}  # worker slot -> seed of the warm-up it runs, or None
+    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:  # exit: terminate
+        while todo or running:
+            for slot in sorted(set(range(workers)) - set(running))[:len(todo)]:
+                running[slot], job = todo.pop(0)
+                pool.apply_async(work, (dict(job, gpu=slot % gpus if gpus else None),),
+                                 callback=lambda _, slot=slot: finished_jobs.put((slot, None)),
+                                 error_callback=lambda err, slot=slot: finished_jobs.put((slot, err)))
+            slot, error = finished_jobs.get()
+            if error is not None:
+                raise error  # a failed job ends the comparison; the with block stops the others
+            bar.update()
+            warmup_of = running.pop(slot)
+            todo += [(None, job) for seed, job in runs if warmup_of is not None and seed == warmup_of]
 
 
 def credit_variant(rl: RLConfig, label: str) -> RLConfig:
@@ -720,18 +748,17 @@ def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, jobs: 
     if jobs == 1 or parallel:
         threads = None  # in this process: keep its thread setting
 
-    def job(i, sub_run, sub_rl, warm):
-        return dict(run=sub_run, rl=sub_rl, warm=warm, threads=threads, gpu=i % gpus if gpus and jobs > 1 else None)
+    def job(sub_run, sub_rl, warm):
+        return dict(run=sub_run, rl=sub_rl, warm=warm, threads=threads, gpu=None)  # run_jobs picks the GPU
 
     warm = {s: root / f"warmup-seed{s}" if run.init is None else None for s in seed_list}
-    todo = [job(i, replace(run, out=str(warm[s]), seed=s), None, None)
-            for i, s in enumerate(seed_list) if warm[s] is not None and not (warm[s] / "config.json").is_file()]
+    warmups = {s: job(replace(run, out=str(warm[s]), seed=s), None, None)
+               for s in seed_list if warm[s] is not None and not (warm[s] / "config.json").is_file()}
     if is_main():
         root.mkdir(parents=True, exist_ok=True)
-    run_jobs(todo, jobs, "warm-ups")
     runs = [(credit, s, replace(run, out=str(root / f"{credit}-seed{s}"), seed=s),
              replace(credit_variant(rl, credit), seed=s)) for s in seed_list for credit in credits]
-    run_jobs([job(i, sub_run, sub_rl, warm[s]) for i, (_, s, sub_run, sub_rl) in enumerate(runs)], jobs, "runs")
+    run_jobs(warmups, [(s, job(sub_run, sub_rl, warm[s])) for _, s, sub_run, sub_rl in runs], jobs, gpus)
     if not is_main():
         return {}
     results = {credit: {} for credit in credits}

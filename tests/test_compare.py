@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,48 @@ def test_smoke_compare_is_paired_parallel_and_skips_finished_runs(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-seed*/summary.json")}
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*-seed*/summary.json")} == stamps  # nothing reran
+
+
+def fake_job(job):
+    """Stands in for train.compare_job in run_jobs' worker processes: records when it ran and on
+    which GPU; a job with wait_for blocks until that job has started (or fails after 60 s)."""
+    log = Path(job["log"])
+    (log / f"{job['name']}.start").write_text(json.dumps({"t": time.time(), "gpu": job["gpu"]}))
+    deadline = time.time() + 60
+    while job.get("wait_for") and not (log / f"{job['wait_for']}.start").exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{job['name']}: {job['wait_for']} never started")
+        time.sleep(0.05)
+    if job.get("fail"):
+        raise RuntimeError(f"{job['name']} failed")
+    time.sleep(0.2)
+    (log / f"{job['name']}.end").write_text(json.dumps({"t": time.time()}))
+
+
+def test_run_jobs_starts_a_seeds_runs_once_its_warmup_is_saved(tmp_path):
+    from train import run_jobs
+    job = lambda name, **kw: dict(name=name, log=str(tmp_path), **kw)  # noqa: E731
+    # warm-up 2 can only end after a run of seed 1 has started: a scheduler that waits for every
+    # warm-up before any run would time out here
+    warmups = {1: job("w1"), 2: job("w2", wait_for="r1a")}
+    runs = [(1, job("r1a")), (1, job("r1b")), (2, job("r2a")), (2, job("r2b")), (3, job("r3a"))]
+    run_jobs(warmups, runs, workers=2, gpus=2, work=fake_job)
+    spans = {p.stem: (json.loads(p.read_text())["t"], json.loads(p.with_suffix(".end").read_text())["t"],
+                      json.loads(p.read_text())["gpu"]) for p in tmp_path.glob("*.start")}
+    assert set(spans) == {"w1", "w2", "r1a", "r1b", "r2a", "r2b", "r3a"}
+    for name, (start, _, _) in spans.items():
+        if name.startswith("r1") or name.startswith("r2"):
+            assert start >= spans["w" + name[1]][1]  # after its seed's warm-up was saved
+    for a, (start_a, end_a, gpu_a) in spans.items():  # a GPU holds one job at a time
+        for b, (start_b, end_b, gpu_b) in spans.items():
+            if a < b and gpu_a == gpu_b:
+                assert end_a <= start_b or end_b <= start_a, (a, b)
+    assert {gpu for _, _, gpu in spans.values()} == {0, 1}
+
+
+def test_run_jobs_stops_at_a_failed_job(tmp_path):
+    from train import run_jobs
+    job = lambda name, **kw: dict(name=name, log=str(tmp_path), **kw)  # noqa: E731
+    with pytest.raises(RuntimeError, match="w1 failed"):
+        run_jobs({1: job("w1", fail=True)}, [(1, job("r1a"))], workers=2, work=fake_job)
+    assert not (tmp_path / "r1a.start").exists()  # a failed warm-up's runs never start

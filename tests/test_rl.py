@@ -340,6 +340,26 @@ def test_no_attention_pass_for_none_and_random(strategy, monkeypatch):
     assert (m["amplified_frac"] > 0) == (strategy == "random")
 
 
+@pytest.mark.parametrize("strategy", ["none", "coupled"])
+def test_old_logp_generate_takes_the_samplers_logprobs(strategy):
+    """old_logp="generate": every chunk's old log-probs are its generate-time log-probs, no forward
+    runs for them, and the step equals the recomputing one up to float noise (the same policy at the
+    same weights); logp_gen_gap still compares the two, on the first micro-batch."""
+    recompute, generate = _trainer(strategy), _trainer(strategy, old_logp="generate")
+    chunks, forwards = [], []
+    chunk_loss, logprobs = generate._chunk_loss, generate._logprobs
+    generate._chunk_loss = lambda batch: chunks.append(batch) or chunk_loss(batch)
+    generate._logprobs = lambda model, batch, **k: forwards.append(1) or logprobs(model, batch, **k)
+    a, b = recompute.step(EXAMPLES), generate.step(EXAMPLES)
+    assert len(chunks) == 2 and all(c["old_logp"] is c["gen_logp"] for c in chunks)
+    assert len(forwards) == len(chunks)  # only the training forwards
+    assert b["time_old_logp"] < 1e-2
+    assert (a["reward_mean"], a["response_length"]) == (b["reward_mean"], b["response_length"])
+    for key in ("loss", "grad_norm", "ratio_mean", "gamma_mean", "amplified_frac"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert b["logp_gen_gap"] < 1e-4 and a["logp_gen_gap"] < 1e-4
+
+
 def test_credit_forward_gives_old_logprobs_and_signals():
     """The fused credit forward: old log-probs == token_logprobs and gammas == credit_gamma of
     rhythm_signals on the same micro-batches, and the update runs no second no-grad forward."""
@@ -391,6 +411,7 @@ def test_greedy_evaluate_is_deterministic():
     (dict(grad_accum=0), r"grad_accum must be >= 1, got 0"),
     (dict(micro_batch_size=8, grad_accum=3), r"grad_accum must divide micro_batch_size \(8\)"),
     (dict(gamma_norm="sum"), "gamma_norm must be one of"),
+    (dict(old_logp="cached"), "old_logp must be one of"),
 ])
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
