@@ -614,18 +614,16 @@ class GRPO:
                 else:
                     t0 = time.perf_counter()
                     h, _, qk = self.model.hidden_states(ids, attention_mask=mask, qk_layers=tuple(layers))
-                    n_resp = batch["response_mask"].shape[1]
-                    logp, _ = logprobs_of(self.model.lm_head(h[:, -(n_resp + 1):]), ids, cfg.temperature)
-                    old_logp += [logp[i, n_resp - lengths[b]:].cpu() for i, b in enumerate(rows)]
-                    old_logp_time += time.perf_counter() - t0
+                    if cfg.old_logp == "recompute":  # the same forward gives the old log-probs
+                        n_resp = batch["response_mask"].shape[1]
+                        logp, _ = logprobs_of(self.model.lm_head(h[:, -(n_resp + 1):]), ids, cfg.temperature)
+                        old_logp += [logp[i, n_resp - lengths[b]:].cpu() for i, b in enumerate(rows)]
+                        old_logp_time += time.perf_counter() - t0
                     signals = rhythm_signals_from(self.model, h, qk, ids, batch["starts"], mask, **signal_kw)
                 for s in signals:
                     gamma = credit_gamma(cfg.strategy, waad=s["waad"], fai=s["fai"], entropy=s["entropy"], **kw)
                     gammas.append(normalize_gamma(gamma, cfg.gamma_norm).detach().float().cpu())
-        roll.gammas = gammas
-        if cfg.old_logp == "generate":  # the forward served the signals alone
-            return 0.0
-        roll.old_logp = old_logp
+        roll.gammas, roll.old_logp = gammas, old_logp  # old_logp empty unless this forward gave them
         return old_logp_time
 
     # ---- update ----
