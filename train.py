@@ -739,7 +739,7 @@ def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, jobs: 
     ('coupled+mean', credit_variant). Each run writes DIR/<label>-seed<S>/;
     a rerun of the same command skips finished runs and resumes the others from their checkpoints.
     jobs: runs side by side, each in its own process; on CPU each gets cores // jobs threads, with
-    several GPUs each job gets one (round robin). Writes compare.json, compare.md and compare.png.
+    several GPUs each worker slot owns one (run_jobs). Writes compare.json, compare.md and compare.png.
     """
     root = Path(run.out)
     seed_list = list(range(run.seed, run.seed + seeds))
