@@ -577,8 +577,8 @@ class GRPO:
 
     def credit(self, roll: Rollout, seed: int, first: int = 0) -> float:
         """Fill roll.gammas, one detached (R_b,) tensor per response (Eq. 14-19 via credit_gamma, then
-        normalize_gamma), and, for signal strategies on the lean path, roll.old_logp from the same
-        forward, run on chunks of micro_batch_size / grad_accum responses.
+        normalize_gamma), and, for signal strategies on the lean path with old_logp="recompute",
+        roll.old_logp from the same forward, run on chunks of micro_batch_size / grad_accum responses.
 
         Random credit draws response i's tokens with a generator seeded seed + first + i.
         Under FSDP the caller holds the model gathered (self.model's hidden_states then runs on
