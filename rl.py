@@ -203,8 +203,9 @@ class RLConfig:
         _number("weight_decay", self.weight_decay, low=0)
         _number("adam_eps", self.adam_eps, low=0, low_open=True)
         _number("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
-        _require(_is_int(self.seed), "seed", self.seed, "must be an int")
-        _require(_is_int(self.eval_seed), "eval_seed", self.eval_seed, "must be an int")
+        # Python's random.Random(-s) draws what Random(s) does, so a negative seed would alias a positive one
+        _int_at_least("seed", self.seed, 0)
+        _int_at_least("eval_seed", self.eval_seed, 0)
         _int_at_least("eval_batch_size", self.eval_batch_size, 1)
         if self.generation_batch_size is not None:
             _int_at_least("generation_batch_size", self.generation_batch_size, 1, "(or None: all at once)")

@@ -104,7 +104,7 @@ class RunConfig:
                      "max_target", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "intermediate",
                      "context", "sft_batch"):
             _int_at_least(name, getattr(self, name), 1)
-        for name in ("rhythm_examples", "sft_steps"):
+        for name in ("rhythm_examples", "sft_steps", "seed"):
             _int_at_least(name, getattr(self, name), 0)
         _number("sft_lr", self.sft_lr, low=0, low_open=True)
         _require(self.n_head % self.n_kv_head == 0, "n_head", self.n_head,
@@ -809,13 +809,15 @@ def main(argv=None):
         return resume_run(Path(args.resume), parallel, args.steps)
     if command == "compare":
         credits = args.credit.split(",") if args.credit else ["none", "coupled"]
+        if not all(credits):
+            raise UsageError(f"--credit {args.credit}: expected strategy names separated by single commas")
         args.credit = credits[0].partition("+")[0]
         run, rl = resolve(args)
         for credit in credits:
             try:
                 credit_variant(rl, credit)  # validates each name before any run starts
-            except ValueError as e:
-                raise flag_error(e, FIELD_FLAGS) from None
+            except ValueError as e:  # name the label typed, not the field it set
+                raise UsageError(f"--credit {credit}: {getattr(e, 'rule', e)}") from None
         if args.seeds < 1:
             raise UsageError(f"--seeds {args.seeds}: seeds must be >= 1")
         if args.jobs < 1 or (args.jobs > 1 and parallel):

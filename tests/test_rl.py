@@ -412,6 +412,7 @@ def test_greedy_evaluate_is_deterministic():
     (dict(micro_batch_size=8, grad_accum=3), r"grad_accum must divide micro_batch_size \(8\)"),
     (dict(gamma_norm="sum"), "gamma_norm must be one of"),
     (dict(old_logp="cached"), "old_logp must be one of"),
+    (dict(seed=-3), "seed must be >= 0, got -3"),
 ])
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):

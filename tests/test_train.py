@@ -115,7 +115,8 @@ BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "
        "bad-temperature", "bad-clip", "bad-kl", "bad-steps", "layers-beyond-depth", "init-nonexistent",
        "compare-seeds-0", "compare-bad-credit", "analyze-num-prompts-0", "analyze-temperature",
        "analyze-layers-beyond", "init-truncated-weights", "init-config-not-json", "bad-grad-accum", "compare-jobs-0",
-       "paper-preset-without-init", "rhythm-preset-with-init"]
+       "paper-preset-without-init", "rhythm-preset-with-init", "compare-bad-gamma-norm", "compare-empty-credit",
+       "negative-seed"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -136,7 +137,7 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
             (copy / "config.json").write_text('{"model_type": "qwen3",, }')
         return copy
 
-    args, expected = {
+    cases = {
         "not-a-checkpoint": (["--init", tmp_path], "no config.json"),
         "missing-data": (["--init", tiny_checkpoint, "--task", "gsm8k", "--data", tmp_path / "nope.jsonl"],
                          "nope.jsonl"),
@@ -159,18 +160,25 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "layers-beyond-depth": (["--smoke", "--layers", "0,7"], "the model has 2 layers"),
         "init-nonexistent": (["--init", "/nonexistent"], "no such directory /nonexistent (and it is not a hub id)"),
         "compare-seeds-0": (["compare", "--smoke", "--seeds", "0"], "--seeds 0"),
-        "compare-bad-credit": (["compare", "--smoke", "--credit", "none,loud"], "--credit loud"),
-        "compare-bad-gamma-norm": (["compare", "--smoke", "--credit", "none,coupled+max"], "--gamma-norm max"),
+        "compare-bad-credit": (["compare", "--smoke", "--credit", "none,loud"],
+                               "--credit loud: strategy must be one of none, random"),
+        "compare-bad-gamma-norm": (["compare", "--smoke", "--credit", "none,coupled+max"],
+                                   "--credit coupled+max: gamma_norm must be one of none, mean"),
         "analyze-num-prompts-0": (["analyze", "--init", tiny_checkpoint, "--num-prompts", "0"], "--num-prompts"),
         "analyze-temperature": (["analyze", "--init", tiny_checkpoint, "--temperature", "-1"], "--temperature"),
         "analyze-layers-beyond": (["analyze", "--init", tiny_checkpoint, "--layers", "5"], "the model has 2 layers"),
         "bad-grad-accum": (["--smoke", "--grad-accum", "0"], "--grad-accum 0: grad_accum must be >= 1"),
+        "compare-empty-credit": (["compare", "--smoke", "--credit", "none,,coupled"],
+                                 "--credit none,,coupled: expected strategy names separated by single commas"),
         "compare-jobs-0": (["compare", "--smoke", "--jobs", "0"], "--jobs 0"),
+        "negative-seed": (["compare", "--smoke", "--seed", "-3"], "--seed -3: seed must be >= 0"),
         "paper-preset-without-init": (["--preset", "paper"], "--preset paper needs --init"),
         "rhythm-preset-with-init": (["--preset", "rhythm", "--init", tiny_checkpoint], "does not take --init"),
         "init-truncated-weights": (["--init", damaged_copy("weights")], "model.safetensors is damaged"),
         "init-config-not-json": (["--init", damaged_copy("config")], "config.json is not valid JSON"),
-    }[case]
+    }
+    assert set(cases) == set(BAD)  # a case written here but missing from BAD would never run
+    args, expected = cases[case]
     if case != "unwritable-out":
         args = [*args, "--out", out]
     proc = run_train(*args, check=False)
