@@ -725,8 +725,8 @@ def credit_variant(rl: RLConfig, label: str) -> RLConfig:
     """rl with the strategy a compare label names: 'coupled', or 'coupled+mean' for the same strategy
     with --gamma-norm mean (each response's gamma rescaled to mean 1), so one comparison can report
     the normalised runs beside the unnormalised ones. ConfigError (a ValueError) for a bad name."""
-    strategy, _, gamma_norm = label.partition("+")
-    return replace(rl, strategy=strategy, gamma_norm=gamma_norm or rl.gamma_norm)
+    strategy, plus, gamma_norm = label.partition("+")
+    return replace(rl, strategy=strategy, gamma_norm=gamma_norm if plus else rl.gamma_norm)
 
 
 def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, jobs: int = 1,

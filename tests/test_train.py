@@ -116,7 +116,7 @@ BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "
        "compare-seeds-0", "compare-bad-credit", "analyze-num-prompts-0", "analyze-temperature",
        "analyze-layers-beyond", "init-truncated-weights", "init-config-not-json", "bad-grad-accum", "compare-jobs-0",
        "paper-preset-without-init", "rhythm-preset-with-init", "compare-bad-gamma-norm", "compare-empty-credit",
-       "negative-seed"]
+       "negative-seed", "compare-empty-gamma-norm"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -168,6 +168,8 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "analyze-temperature": (["analyze", "--init", tiny_checkpoint, "--temperature", "-1"], "--temperature"),
         "analyze-layers-beyond": (["analyze", "--init", tiny_checkpoint, "--layers", "5"], "the model has 2 layers"),
         "bad-grad-accum": (["--smoke", "--grad-accum", "0"], "--grad-accum 0: grad_accum must be >= 1"),
+        "compare-empty-gamma-norm": (["compare", "--smoke", "--credit", "none,coupled+"],
+                                     "--credit coupled+: gamma_norm must be one of none, mean"),
         "compare-empty-credit": (["compare", "--smoke", "--credit", "none,,coupled"],
                                  "--credit none,,coupled: expected strategy names separated by single commas"),
         "compare-jobs-0": (["compare", "--smoke", "--jobs", "0"], "--jobs 0"),
