@@ -160,6 +160,10 @@ RL_FLAGS = dict(credit="strategy", bottom="bottom", q="q", gamma_amp="gamma_amp"
                 lr_warmup_steps="lr_warmup_steps", min_lr_ratio="min_lr_ratio", grad_accum="grad_accum",
                 gamma_norm="gamma_norm")
 FIELD_FLAGS = {field: flag for flag, field in RL_FLAGS.items()}  # a config error names the flag
+# the shape of a model from scratch (RunConfig fields of the same names)
+SCRATCH_SHAPE_FLAGS = dict(n_layer="decoder layers", n_embd="hidden size", n_head="query heads",
+                           n_kv_head="key/value heads", head_dim="width of a head", intermediate="MLP width")
+SCRATCH_ONLY = ("sft_steps", "sft_batch", "sft_lr", *SCRATCH_SHAPE_FLAGS)
 
 
 def add_run_flags(p):
@@ -181,6 +185,10 @@ def add_run_flags(p):
     p.add_argument("--eval-size", dest="eval_size", type=int)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--sft-steps", dest="sft_steps", type=int, help="warm-up steps (model from scratch only)")
+    p.add_argument("--sft-batch", dest="sft_batch", type=int, help="warm-up examples per step (from scratch only)")
+    p.add_argument("--sft-lr", dest="sft_lr", type=float, help="warm-up peak lr (from scratch only)")
+    for flag, what in SCRATCH_SHAPE_FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=int, help=f"{what} (model from scratch only)")
     p.add_argument("--smoke", action="store_true", help="shrunken default run (under a minute)")
     p.add_argument("--wandb", metavar="PROJECT", help="also log every metrics.jsonl record to Weights & Biases")
     p.add_argument("--tensorboard", action="store_true", default=None,
@@ -230,6 +238,10 @@ def resolve(args) -> tuple[RunConfig, RLConfig]:
         raise UsageError("--preset paper needs --init <Qwen3 checkpoint>")
     if name != "paper" and args.init:
         raise UsageError(f"--preset {name} trains a tiny model from scratch; it does not take --init")
+    scratch_only = [field for field in SCRATCH_ONLY if getattr(args, field, None) is not None]
+    if args.init and scratch_only:
+        raise UsageError(f"--{scratch_only[0].replace('_', '-')} is for a model trained from scratch; "
+                         f"--init loads one whose shape and training are set")
     preset = PRESETS[name]
     run_values = dict(preset["run"])
     rl_values = dict(preset["rl"])
@@ -562,15 +574,14 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
         log = MetricsLog(metrics_file, run, config_json(run, rl))
     if not resume and run.init is None:
         # weights made in this run: rank 0 makes them (warm-up or the compare warm-start), the others copy
-        if main_rank and warm_start is not None and (warm_start / "config.json").exists():
+        if main_rank and saved_warmup(warm_start) is not None:
             model.load_state_dict(Transformer.from_pretrained(warm_start, device=device).state_dict())
         elif main_rank:
             losses = warmup(model, tokenizer, task, run.sft_steps, run.sft_batch, run.sft_lr, seed=run.seed,
                             progress=not quiet)
             progress["warmup_final_loss"] = sum(losses[-10:]) / len(losses[-10:])
             if warm_start is not None:
-                model.save_pretrained(warm_start)
-                tokenizer.save_pretrained(warm_start)
+                save_warmup(warm_start, run, model, tokenizer)
         broadcast_parameters(model)
     trainer = GRPO(model, tokenizer, task, rl, parallel=parallel)
 
@@ -646,6 +657,46 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
 # compare: several credit strategies x seeds, identical data
 
 
+# What a scratch run's warm-up depends on: the seed, the task's data, the model's shape and the SFT schedule.
+WARMUP_FIELDS = ("seed", "task", "data", "num_numbers", "max_number", "max_target", "prompt_style", "solution",
+                 "n_train", "n_test", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "intermediate",
+                 "context", "sft_steps", "sft_batch", "sft_lr")
+WARMUP_RECORD = "warmup.json"  # written last, so a warm-up folder without it is unfinished
+
+
+def warmup_settings(run: RunConfig) -> dict:
+    return json.loads(json.dumps({name: getattr(run, name) for name in WARMUP_FIELDS}))  # as read back
+
+
+def save_warmup(path: Path, run: RunConfig, model, tokenizer):
+    """A finished warm-up: the model and tokenizer, then warmup.json (its settings), renamed into place."""
+    save_model(path, model, tokenizer)
+    staging = path / (WARMUP_RECORD + ".tmp")
+    staging.write_text(json.dumps(warmup_settings(run), indent=2))
+    os.replace(staging, path / WARMUP_RECORD)
+
+
+def saved_warmup(path: Path | None) -> dict | None:
+    """The settings of the finished warm-up in path, or None when there is none to reuse."""
+    try:
+        return read_json(path / WARMUP_RECORD) if path is not None and (path / "config.json").is_file() else None
+    except (DamagedFile, OSError):
+        return None
+
+
+def check_saved_warmups(folders: dict, run: RunConfig):
+    """compare reuses a seed's finished warm-up only when it was made with this run's settings; one
+    made with others (another --sft-steps or model shape, say) is one line before any work."""
+    for seed, folder in folders.items():
+        saved, wanted = saved_warmup(folder), warmup_settings(replace(run, seed=seed))
+        if saved is not None and saved != wanted:
+            differ = [name for name in WARMUP_FIELDS if saved.get(name) != wanted[name]]
+            was = ", ".join(f"{name}={saved.get(name)}" for name in differ)
+            now = ", ".join(f"{name}={wanted[name]}" for name in differ)
+            raise UsageError(f"--out {folder.parent}: {folder.name}/ was made with {was}, this comparison asks for "
+                             f"{now}; give another --out or delete {folder.name}/")
+
+
 def warm_start_model(run: RunConfig, path: Path):
     """The supervised warm-up of a scratch run (the one train() would do for run.seed), saved to path."""
     torch.manual_seed(run.seed)
@@ -653,7 +704,7 @@ def warm_start_model(run: RunConfig, path: Path):
     tokenizer = Tokenizer.byte_level()
     model = scratch_model(run, tokenizer)
     warmup(model, tokenizer, task, run.sft_steps, run.sft_batch, run.sft_lr, seed=run.seed, progress=False)
-    save_model(path, model, tokenizer)
+    save_warmup(path, run, model, tokenizer)
 
 
 def finished(run: RunConfig, rl: RLConfig) -> bool:
@@ -733,9 +784,10 @@ def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, jobs: 
             parallel: str | None = None) -> dict:
     """Every strategy in credits on seeds run.seed .. run.seed + seeds - 1, paired by seed.
 
-    Paired: the strategies of a seed start from one warm-up (scratch models: warm-up-seed<S>/, made
-    once) and see the same prompts in the same order (data_order depends on the seed only) and the
-    same evaluation problems. credits[0] is the baseline; a label may add a gamma normalisation
+    Paired: the strategies of a seed start from one warm-up (scratch models: warmup-seed<S>/, made
+    once; a later command reuses it only with the same warm-up settings, check_saved_warmups) and see
+    the same prompts in the same order (data_order depends on the seed only) and the same evaluation
+    problems. credits[0] is the baseline; a label may add a gamma normalisation
     ('coupled+mean', credit_variant). Each run writes DIR/<label>-seed<S>/;
     a rerun of the same command skips finished runs and resumes the others from their checkpoints.
     jobs: runs side by side, each in its own process; on CPU each gets cores // jobs threads, with
@@ -752,8 +804,9 @@ def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, jobs: 
         return dict(run=sub_run, rl=sub_rl, warm=warm, threads=threads, gpu=None)  # run_jobs picks the GPU
 
     warm = {s: root / f"warmup-seed{s}" if run.init is None else None for s in seed_list}
+    check_saved_warmups({s: folder for s, folder in warm.items() if folder is not None}, run)
     warmups = {s: job(replace(run, out=str(warm[s]), seed=s), None, None)
-               for s in seed_list if warm[s] is not None and not (warm[s] / "config.json").is_file()}
+               for s in seed_list if warm[s] is not None and saved_warmup(warm[s]) is None}
     if is_main():
         root.mkdir(parents=True, exist_ok=True)
     runs = [(credit, s, replace(run, out=str(root / f"{credit}-seed{s}"), seed=s),

@@ -111,9 +111,38 @@ def test_smoke_compare_is_paired_parallel_and_skips_finished_runs(tmp_path):
             assert first[0][0] == other[0] and first[0][0]["kind"] == "eval"
             assert first[0][1]["reward_mean"] == other[1]["reward_mean"]
             assert first[0][1]["response_length"] == other[1]["response_length"]
+    for seed in (5, 6):  # each warm-up is finished and records what it was made with
+        assert json.loads((out / f"warmup-seed{seed}" / "warmup.json").read_text())["seed"] == seed
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-seed*/summary.json")}
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=600)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*-seed*/summary.json")} == stamps  # nothing reran
+
+
+def test_compare_refuses_a_warmup_made_with_other_settings(tmp_path):
+    """A finished warm-up is reused only with the settings it was made with: one made with another
+    --sft-steps is one line naming the difference, before any run starts (it used to be reused)."""
+    import train
+    from tokenizer import Tokenizer
+
+    parser = train.Parser()
+    train.add_run_flags(parser)
+    train.add_rl_flags(parser)
+    run, _ = train.resolve(parser.parse_args(["--smoke", "--seed", "5"]))
+    folder = tmp_path / "cmp" / "warmup-seed5"
+    tokenizer = Tokenizer.byte_level()
+    train.save_warmup(folder, run, train.scratch_model(run, tokenizer), tokenizer)
+    assert train.saved_warmup(folder) == train.warmup_settings(run)
+    command = [sys.executable, str(ROOT / "train.py"), "compare", "--smoke", "--credit", "none", "--seeds", "1",
+               "--seed", "5", "--sft-steps", str(run.sft_steps + 1), "--out", str(tmp_path / "cmp")]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert (f"warmup-seed5/ was made with sft_steps={run.sft_steps}, this comparison asks for "
+            f"sft_steps={run.sft_steps + 1}") in lines[0]
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["warmup-seed5"]  # no run began
+    # a folder whose record is missing (a killed warm-up, or one from before the record) is made again
+    (folder / "warmup.json").unlink()
+    assert train.saved_warmup(folder) is None
 
 
 def fake_job(job):

@@ -116,7 +116,8 @@ BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "
        "compare-seeds-0", "compare-bad-credit", "analyze-num-prompts-0", "analyze-temperature",
        "analyze-layers-beyond", "init-truncated-weights", "init-config-not-json", "bad-grad-accum", "compare-jobs-0",
        "paper-preset-without-init", "rhythm-preset-with-init", "compare-bad-gamma-norm", "compare-empty-credit",
-       "negative-seed", "compare-empty-gamma-norm"]
+       "negative-seed", "compare-empty-gamma-norm", "shape-with-init", "sft-with-init", "bad-n-head",
+       "bad-intermediate"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -174,6 +175,11 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
                                  "--credit none,,coupled: expected strategy names separated by single commas"),
         "compare-jobs-0": (["compare", "--smoke", "--jobs", "0"], "--jobs 0"),
         "negative-seed": (["compare", "--smoke", "--seed", "-3"], "--seed -3: seed must be >= 0"),
+        "shape-with-init": (["--init", tiny_checkpoint, "--n-layer", "3"],
+                            "--n-layer is for a model trained from scratch"),
+        "sft-with-init": (["--init", tiny_checkpoint, "--sft-lr", "1e-3"], "--sft-lr is for a model trained from scratch"),
+        "bad-n-head": (["--smoke", "--n-head", "3"], "--n-head 3: n_head must be a multiple of n_kv_head (2)"),
+        "bad-intermediate": (["--smoke", "--intermediate", "0"], "--intermediate 0: intermediate must be >= 1"),
         "paper-preset-without-init": (["--preset", "paper"], "--preset paper needs --init"),
         "rhythm-preset-with-init": (["--preset", "rhythm", "--init", tiny_checkpoint], "does not take --init"),
         "init-truncated-weights": (["--init", damaged_copy("weights")], "model.safetensors is damaged"),
