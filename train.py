@@ -681,9 +681,10 @@ def save_warmup(path: Path, run: RunConfig, model, tokenizer):
 def saved_warmup(path: Path | None) -> dict | None:
     """The settings of the finished warm-up in path, or None when there is none to reuse."""
     try:
-        return read_json(path / WARMUP_RECORD) if path is not None and (path / "config.json").is_file() else None
+        record = read_json(path / WARMUP_RECORD) if path is not None and (path / "config.json").is_file() else None
     except (DamagedFile, OSError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def check_saved_warmups(folders: dict, run: RunConfig):

@@ -140,7 +140,9 @@ def test_compare_refuses_a_warmup_made_with_other_settings(tmp_path):
     assert (f"warmup-seed5/ was made with sft_steps={run.sft_steps}, this comparison asks for "
             f"sft_steps={run.sft_steps + 1}") in lines[0]
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["warmup-seed5"]  # no run began
-    # a folder whose record is missing (a killed warm-up, or one from before the record) is made again
+    # a folder whose record is missing or not an object (a killed warm-up, older code) is made again
+    (folder / "warmup.json").write_text("[]")
+    assert train.saved_warmup(folder) is None
     (folder / "warmup.json").unlink()
     assert train.saved_warmup(folder) is None
 
