@@ -687,17 +687,21 @@ def saved_warmup(path: Path | None) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def check_saved_warmups(folders: dict, run: RunConfig):
-    """compare reuses a seed's finished warm-up only when it was made with this run's settings; one
-    made with others (another --sft-steps or model shape, say) is one line before any work."""
+def check_saved_warmups(folders: dict, run: RunConfig) -> set:
+    """The seeds ({seed: folder}) whose finished warm-up compare reuses: only one made with this run's
+    settings; one made with others (another --sft-steps or model shape, say) is one line before any work."""
+    reusable = set()
     for seed, folder in folders.items():
         saved, wanted = saved_warmup(folder), warmup_settings(replace(run, seed=seed))
-        if saved is not None and saved != wanted:
+        if saved == wanted:
+            reusable.add(seed)
+        elif saved is not None:
             differ = [name for name in WARMUP_FIELDS if saved.get(name) != wanted[name]]
             was = ", ".join(f"{name}={saved.get(name)}" for name in differ)
             now = ", ".join(f"{name}={wanted[name]}" for name in differ)
             raise UsageError(f"--out {folder.parent}: {folder.name}/ was made with {was}, this comparison asks for "
                              f"{now}; give another --out or delete {folder.name}/")
+    return reusable
 
 
 def warm_start_model(run: RunConfig, path: Path):
@@ -807,9 +811,9 @@ def compare(run: RunConfig, rl: RLConfig, credits: list[str], seeds: int, jobs: 
         return dict(run=sub_run, rl=sub_rl, warm=warm, threads=threads, gpu=None)  # run_jobs picks the GPU
 
     warm = {s: root / f"warmup-seed{s}" if run.init is None else None for s in seed_list}
-    check_saved_warmups({s: folder for s, folder in warm.items() if folder is not None}, run)
+    reusable = check_saved_warmups({s: folder for s, folder in warm.items() if folder is not None}, run)
     warmups = {s: job(replace(run, out=str(warm[s]), seed=s), None, None)
-               for s in seed_list if warm[s] is not None and saved_warmup(warm[s]) is None}
+               for s in seed_list if warm[s] is not None and s not in reusable}
     if is_main():
         root.mkdir(parents=True, exist_ok=True)
     runs = [(credit, s, replace(run, out=str(root / f"{credit}-seed{s}"), seed=s),
