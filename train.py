@@ -138,14 +138,15 @@ PAPER = dict(run=dict(num_numbers=4, max_number=99, max_target=100, prompt_style
 # the first step of each chain, the verdicts and the answer decide the reward. H_lo/H_hi stay at the
 # paper's 10/100: a response is about as long as H_hi, so FAI is defined on all but the last 10 tokens.
 # The demo's model at 2 layers instead of 4 (0.53M parameters: half the compute of a step), its lr and
-# temperature; a warm-up of 600 x 64 (500 left plain GRPO shortening the search instead of learning)
-# and 200 GRPO steps of 16 prompts x 8, so that plain GRPO gains 10 points or more and a 3-strategy x
-# 5-seed comparison fits in 90 minutes on 2 cores with --jobs 3 (the 4-layer model needed 200 steps
-# for that gain and 2 h 25 min for that comparison); old log-probs from the sampler
+# temperature; a warm-up of 900 x 64 (500 left plain GRPO shortening the search instead of learning;
+# 600 left some seeds' warm-ups too weak to gain 10 points) and 150 GRPO steps of 16 prompts x 8, so
+# that plain GRPO gains 10 points or more and a 3-strategy x 5-seed comparison fits in 90 minutes on
+# 2 cores with --jobs 3 (the 4-layer model needed 200 steps for that gain and 2 h 25 min for that
+# comparison); old log-probs from the sampler
 # (old_logp="generate": in fp32 they equal a forward's to 1e-6), which saves that forward, 15% of a
-# step. Tuned on --credit none only, on seeds 1000-1005, which no reported comparison uses (README
+# step. Tuned on --credit none only, on seeds 1000-1008, which no reported comparison uses (README
 # "Does it help?").
-RHYTHM = dict(run=dict(solution="search", n_layer=2, steps=200, eval_every=50, checkpoint_every=50, sft_steps=600,
+RHYTHM = dict(run=dict(solution="search", n_layer=2, steps=150, eval_every=50, checkpoint_every=50, sft_steps=900,
                        sft_batch=64),
               rl=dict(group_size=8, rollout_batch_size=128, micro_batch_size=32, max_new_tokens=128, lr=5e-5,
                       min_lr_ratio=0.1, temperature=0.7, strategy="coupled", eval_batch_size=256,

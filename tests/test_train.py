@@ -315,11 +315,12 @@ def resolved(*flags):
 
 def test_rhythm_preset_is_the_documented_testbed():
     """--preset rhythm: Countdown (3 numbers) with the worked-search warm-up, responses long enough that
-    FAI is defined on most tokens (max_new_tokens 128 > H_hi), the paper's H_lo/H_hi, a 2-layer model for
-    200 steps; flags still win (--n-layer 4 --steps 100 is the preset of the first two reports)."""
+    FAI is defined on most tokens (max_new_tokens 128 > H_hi), the paper's H_lo/H_hi, a 2-layer model with
+    a 900-step warm-up and 150 GRPO steps; flags still win (--n-layer 4 --steps 100 --sft-steps 600 is the
+    preset of the first two reports)."""
     run, rl = resolved("--preset", "rhythm")
-    assert (run.solution, run.num_numbers, run.init, run.sft_steps, run.sft_batch) == ("search", 3, None, 600, 64)
-    assert (run.n_layer, run.n_embd, run.intermediate, run.steps, run.eval_every) == (2, 128, 512, 200, 50)
+    assert (run.solution, run.num_numbers, run.init, run.sft_steps, run.sft_batch) == ("search", 3, None, 900, 64)
+    assert (run.n_layer, run.n_embd, run.intermediate, run.steps, run.eval_every) == (2, 128, 512, 150, 50)
     assert (rl.max_new_tokens, rl.h_lo, rl.h_hi, rl.group_size, rl.rollout_batch_size) == (128, 10, 100, 8, 128)
     assert resolved("--preset", "rhythm", "--credit", "none", "--steps", "7")[1].strategy == "none"
     assert resolved("--preset", "rhythm", "--steps", "7")[0].steps == 7
