@@ -10,7 +10,7 @@ Start to finish:
    \\boxed{}), or raw prompts from a JSONL file;
 2. responses: sampled at temperature 0.7 (seeded), scored by the task's reward when there is one;
 3. metrics: one extra forward per batch gives WAAD, FAI (global and receiver heads, H_hi = end of
-   the response, as the analysis section uses) and entropy (attention_metrics.rhythm_signals);
+   the response, as the analysis section uses) and entropy (attention_lean.rhythm_signals);
 4. couplings.json: the three Table-2 coupling statistics with their random baselines and lifts;
 5. perturbation.json: the Table-1 perturbation test at high- and low-FAI positions (Eq. 11);
 6. rhythm.png / rhythm.html: Figure 2 for the shortest correct response;
@@ -49,13 +49,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attention_metrics import FAI_H_LO, WAAD_WINDOW, coupling_stats, default_layers, rhythm_signals
+from attention_lean import rhythm_signals
+from attention_metrics import FAI_H_LO, WAAD_WINDOW, coupling_stats, default_layers
 from model import Transformer
 from plots import aggregated_maps, plot_rhythm, render_html
-from rl import build_batch
+from batching import build_batch
 from tasks import make_task, read_jsonl
 from tokenizer import Tokenizer
-from cli import Parser, UsageError, check_layers, checkpoint_dir, ensure_writable, model_depth, parse_layers, pick_device
+from cli import (Parser, UsageError, check_layers, checkpoint_dir, ensure_writable, model_config_field, parse_layers,
+                 pick_device)
 
 # -----------------------------------------------------------------------------
 # Project defaults
@@ -501,7 +503,7 @@ def main(argv=None):
     _check_args(args)
     model_dir = resolve_model_dir(args.init)
     if args.layers is not None:
-        check_layers(args.layers, model_depth(model_dir))
+        check_layers(args.layers, model_config_field(model_dir, "num_hidden_layers"))
     run_config = read_run_config(model_dir)
     out = Path(args.out) if args.out else (model_dir.parent / "analysis" if run_config else DEFAULT_OUT)
     ensure_writable(out)

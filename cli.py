@@ -4,8 +4,8 @@ into one line, the checks that run before any work, and the small helpers both n
 Every check here runs before a model is built, a warm-up starts or an output folder is touched; a
 failure is a UsageError, which the entry points print as one `error:` line and exit with code 2.
 The knobs themselves are checked where they live (RLConfig.__post_init__ in rl.py, RunConfig in
-train.py), so the same rule serves the command line and a Python user; `flag_error` only renames
-the field to the flag the user typed.
+train.py, with checks.py), so the same rule serves the command line and a Python user;
+`flag_error` only renames the field to the flag the user typed.
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from attention_metrics import LAYER_CHOICES
-from model import read_json
+from checkpoint import read_json
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # e.g. Qwen/Qwen3-0.6B-Base
 HUB_FILES = ["*.json", "*.safetensors", "vocab.json", "merges.txt"]
@@ -37,7 +37,7 @@ def flag_error(error: ValueError, flags: dict) -> UsageError:
     """A config check's error as the command line says it: `--q 2: q must be in (0, 1]`.
 
     error: a ValueError from a config's __post_init__; when it carries `field`, `value` and `rule`
-    (rl.ConfigError), flags maps the field to its flag name (fields without one keep their name).
+    (checks.ConfigError), flags maps the field to its flag name (fields without one keep their name).
     """
     field = getattr(error, "field", None)
     if field is None:
@@ -106,14 +106,15 @@ def checkpoint_dir(init: str) -> Path:
                          f"failed ({type(e).__name__})") from None
 
 
-def model_depth(path: Path) -> int:
-    """num_hidden_layers from path/config.json, read before any weights so --layers is checked first."""
+def model_config_field(path: Path, name: str) -> int:
+    """An int >= 1 of path/config.json (num_hidden_layers, max_position_embeddings), read before
+    any weights, so flags that depend on the model are checked first."""
     config_file = path / "config.json"
     config = read_json(config_file)
-    depth = config.get("num_hidden_layers") if isinstance(config, dict) else None
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise UsageError(f"{config_file}: num_hidden_layers must be an int >= 1, got {depth!r}")
-    return depth
+    value = config.get(name) if isinstance(config, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UsageError(f"{config_file}: {name} must be an int >= 1, got {value!r}")
+    return value
 
 
 def check_writable(out: Path, flag: str = "--out"):

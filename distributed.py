@@ -20,13 +20,13 @@ Project defaults (decided here, in one place):
   log-probs, evaluation; `gathered()`). Ranks decode different numbers of steps, so per-layer
   all-gathers inside `generate` would pair up collectives of different steps and hang; one
   gather per phase also avoids a gather per layer per token. The cost is one full copy of the
-  weights per GPU during those phases (see the README's memory table).
+  weights per GPU during those phases (see the memory table of docs/performance.md).
 - Checkpoints are gathered to rank 0 in full (`full_state_dict`, on CPU) and written by it in the
   Hugging Face layout, whatever the wrapper: a run can resume with another N or another --dist.
 """
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -97,6 +97,61 @@ def is_main() -> bool:
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[lo, hi) of rank's contiguous block of n items; block sizes differ by at most one."""
     return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def check_world_size(config, world_size: int):
+    """The batch sizes of config (rl.RLConfig) must split evenly over world_size processes: whole
+    groups per rank for the rollout, equal parts of every micro-batch for the update, each in
+    grad_accum equal chunks."""
+    if config.rollout_batch_size % (world_size * config.group_size):
+        raise ValueError(f"rollout_batch_size ({config.rollout_batch_size}) must be a multiple of processes x "
+                         f"group_size ({world_size} x {config.group_size} = {world_size * config.group_size}), "
+                         f"so that every process rolls out whole groups")
+    if config.micro_batch_size % world_size:
+        raise ValueError(f"micro_batch_size ({config.micro_batch_size}) must be a multiple of the number of "
+                         f"processes ({world_size}): each optimizer step splits its micro-batch evenly over them")
+    per_rank = config.micro_batch_size // world_size
+    if per_rank % config.grad_accum:
+        raise ValueError(f"grad_accum ({config.grad_accum}) must divide each process's share of the micro-batch "
+                         f"(micro_batch_size / processes = {config.micro_batch_size} / {world_size} = {per_rank})")
+
+
+def chunks(seq, size: int) -> list:
+    seq = list(seq)
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+def my_chunks(order: list, micro_batch_size: int, grad_accum: int) -> list:
+    """This rank's share of the update: order (the shuffled responses) is cut into micro-batches of
+    micro_batch_size, each micro-batch into world_size equal parts, and this rank's part into
+    grad_accum equal chunks. Returns [micro-batch][chunk] -> response indices."""
+    part = micro_batch_size // world_size()
+    mine = [rows[rank() * part:(rank() + 1) * part] for rows in chunks(order, micro_batch_size)]
+    return [chunks(rows, part // grad_accum) for rows in mine]
+
+
+def grad_sync(policy, parallel: str | None, last: bool):
+    """DDP all-reduces the accumulated gradient once, in the last chunk's backward. FSDP
+    reduce-scatters every chunk, which keeps the gradient sharded (the memory the chunks save)."""
+    if parallel == "ddp" and not last:
+        return policy.no_sync()
+    return nullcontext()
+
+
+def whole_batch_means(logs: list, world: int) -> dict:
+    """Per-step logs of this rank -> means over the steps of the whole micro-batches' values.
+
+    Each log holds the rank's loss, its token-mean diagnostics times its token count, and that
+    count; summed over ranks, loss / world is the micro-batch's loss (what the averaged gradient
+    is the gradient of) and diagnostic / tokens its token mean.
+    """
+    keys = list(logs[0])
+    total = all_reduce_sum(torch.tensor([[log[key] for key in keys] for log in logs], dtype=torch.float64))
+    per_step = {key: total[:, i] for i, key in enumerate(keys)}  # (n_steps,) each
+    tokens = per_step.pop("tokens").clamp(min=1)
+    out = {"loss": (per_step.pop("loss") / world).mean().item()}
+    out.update({key: (value / tokens).mean().item() for key, value in per_step.items()})
+    return out
 
 
 def barrier():

@@ -2,49 +2,21 @@
 Hugging Face checkpoints (config.json + safetensors) in and out.
 
 Read it top to bottom: config, the four building blocks (RMSNorm, RoPE, Attention, MLP), the
-Transformer that stacks them, generation, then loading and saving. The numbers match
-transformers' Qwen3ForCausalLM; tests/test_model.py checks that on random checkpoints.
+Transformer that stacks them, generation, then loading and saving (the Hugging Face names here,
+the files in checkpoint.py). The numbers match transformers' Qwen3ForCausalLM; tests/test_model.py
+checks that on random checkpoints. The defaults are Qwen3Config's (Qwen3-0.6B's shape); the
+project decides nothing here that transformers does not.
 """
 
 import json
-import os
-import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-
-class DamagedFile(ValueError):
-    """A file that is there but cannot be what it claims (truncated, not JSON, wrong tensors).
-
-    The message is one line that names the file; train.py reports it as `error: ...`, exit 2.
-    """
-
-
-def read_json(file: Path):
-    """json.loads of a file, or DamagedFile naming the file and where the parse failed."""
-    try:
-        return json.loads(Path(file).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DamagedFile(f"{file} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-    except UnicodeDecodeError:
-        raise DamagedFile(f"{file} is not valid JSON: it is not UTF-8 text") from None
-
-
-@contextmanager
-def open_safetensors(file: Path):
-    """safe_open for reading; a truncated or foreign file becomes DamagedFile naming it."""
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            yield f
-    except SafetensorError as err:
-        raise DamagedFile(f"{file} is damaged (truncated or not a safetensors file): {err}") from None
+from checkpoint import DamagedFile, atomic_directory, is_weights_or_config, read_json, read_tensors, write_safetensors
 
 
 # -----------------------------------------------------------------------------
@@ -462,15 +434,14 @@ class Transformer(nn.Module):
         return out
 
     # -------------------------------------------------------------------------
-    # Checkpoints in the Hugging Face layout
-    # (module constants of this part: FLOAT_DTYPES, MAX_PROBLEMS_SHOWN, MANIFEST, after the class)
+    # Checkpoints in the Hugging Face layout (the names here; the files: checkpoint.py)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
         """Load a Hugging Face Qwen3 directory (config.json + model.safetensors or a sharded index).
 
-        Tensors are read one at a time from the memory-mapped files straight into an empty model,
-        so the weights are never held twice. dtype defaults to the checkpoint's.
+        Tensors are read one at a time from the memory-mapped files (checkpoint.read_tensors) into
+        an empty model, so the weights are never held twice. dtype defaults to the checkpoint's.
         """
         path = Path(path)
         config_file = path / "config.json"
@@ -483,43 +454,14 @@ class Transformer(nn.Module):
             config = Qwen3Config.from_dict(values)
         except (ValueError, TypeError) as err:  # a field of the wrong type fails deep in __post_init__
             raise DamagedFile(f"{config_file}: {err}") from None
-        weight_files = _weight_files(path)
         with torch.device("meta"):
             model = cls(config)
-        expected = {hf_name(name): p.shape for name, p in model.named_parameters(remove_duplicate=False)}
-        loaded, problems, dtypes = set(), [], {}
-        for file in weight_files:
-            with open_safetensors(file) as f:
-                for key in f.keys():
-                    if key not in expected:
-                        problems.append(f"unexpected tensor {key} in {file.name}")
-                        continue
-                    info = f.get_slice(key)
-                    shape, stored = tuple(info.get_shape()), info.get_dtype()
-                    if shape != tuple(expected[key]):
-                        problems.append(f"tensor {key} in {file.name} has shape {shape}, expected {tuple(expected[key])}")
-                        continue
-                    if stored not in FLOAT_DTYPES:
-                        problems.append(f"tensor {key} in {file.name} has dtype {stored}, expected a float type")
-                        continue
-                    dtypes.setdefault(stored, key)
-                    tensor = f.get_tensor(key).to(device=device, dtype=dtype)
-                    name = key.removeprefix("model.")
-                    module, leaf = name.rsplit(".", 1)
-                    setattr(model.get_submodule(module), leaf, nn.Parameter(tensor))
-                    loaded.add(key)
-        if dtype is None and len(dtypes) > 1:  # one module would compute in another's precision
-            problems.append(f"tensors of several dtypes ({', '.join(f'{d} e.g. {k}' for d, k in dtypes.items())}): "
-                            "pass dtype= to load them as one")
-        if config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-            loaded.discard("lm_head.weight")  # a tied file may still store it; the embedding wins
-        problems += [f"missing tensor {key} (expected shape {tuple(expected[key])})"
-                     for key in sorted(expected.keys() - loaded)]
-        if problems:
-            shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
-            more = f" (and {len(problems) - MAX_PROBLEMS_SHOWN} more)" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-            raise DamagedFile(f"checkpoint {path} does not match its config.json: {shown}{more}")
+        expected = {hf_name(name): tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+        tied = ("lm_head.weight",) if config.tie_word_embeddings else ()  # a tied file may still store it
+        for key, tensor in read_tensors(path, expected, tied, dtype, device).items():
+            if key not in tied:  # the embedding wins
+                module, leaf = key.removeprefix("model.").rsplit(".", 1)
+                setattr(model.get_submodule(module), leaf, nn.Parameter(tensor))
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = model._inv_freq(model.device)
@@ -541,7 +483,7 @@ def save_state_dict(path, state_dict: dict, config: Qwen3Config, max_shard_bytes
     For weights that exist whole on no module, e.g. FSDP shards gathered to one rank: no second
     model is built to save them. A tied lm_head.weight is left out (it is the embedding).
     """
-    with atomic_directory(path, keep=lambda name: not _is_weights_or_config(name)) as staging:
+    with atomic_directory(path, keep=lambda name: not is_weights_or_config(name)) as staging:
         write_state_dict(staging, state_dict, config, max_shard_bytes)
 
 
@@ -551,18 +493,8 @@ def write_state_dict(directory, state_dict: dict, config: Qwen3Config, max_shard
     directory = Path(directory)
     tensors = {hf_name(name): t.detach().to("cpu").contiguous() for name, t in state_dict.items()
                if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    write_safetensors(directory, tensors, max_shard_bytes)
     dtype = tensors["model.embed_tokens.weight"].dtype
-    shards = _split_into_shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (directory / "config.json").write_text(json.dumps(config.to_dict(dtype), indent=2))
 
 
@@ -616,174 +548,3 @@ def draw(probs, u):
     cdf = probs.cumsum(-1)  # (B, V), non-decreasing
     return torch.searchsorted(cdf, (1 - u.to(cdf.dtype))[:, None] * cdf[:, -1:])[:, 0]
 
-
-# The dtypes a weight may be stored in (safetensors' names); others (int, fp8 with scales) are refused.
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-# A checkpoint that matches the wrong config can mismatch in every tensor: name a few, count the rest.
-MAX_PROBLEMS_SHOWN = 5
-
-
-def _weight_files(path: Path) -> list[Path]:
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        data = read_json(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict):
-            raise DamagedFile(f"{index} has no 'weight_map' object")
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise FileNotFoundError(f"{index} lists shard(s) that are not in {path}: {', '.join(absent)}")
-        return files
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
-
-def _split_into_shards(tensors: dict, max_bytes: int) -> list[dict]:
-    shards, size = [{}], 0
-    for key, t in tensors.items():
-        if shards[-1] and size + t.nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += t.nbytes
-    return shards
-
-
-def _is_weights_or_config(name: str) -> bool:
-    return name in ("config.json", "model.safetensors", "model.safetensors.index.json") or (
-        name.startswith("model-") and name.endswith(".safetensors"))
-
-
-# Written last into a staged directory: every file's size and, for safetensors, its tensor count.
-# Its presence says the staging finished; its entries let a reader check each file (check_directory).
-MANIFEST = "manifest.json"
-
-
-def swap_names(path: Path) -> tuple[Path, Path]:
-    """(staging, retired) beside path: the copy being written, and the copy path held before."""
-    return path.with_name(path.name + ".tmp"), path.with_name(path.name + ".prev")
-
-
-@contextmanager
-def atomic_directory(path, keep=lambda name: False, keep_previous=False):
-    """Fill a staging directory, then swap it in for path: a crash at any instant leaves a
-    complete copy (path, or the staging / retired copy beside it, see newest_sound_directory).
-
-    The steps: write path.tmp; seal it (a manifest, then fsync); retire path to path.prev; rename
-    path.tmp to path. Files of the old directory for which keep(name) is true are carried over.
-    keep_previous leaves path.prev in place as the fallback for a later-damaged path (a damaged
-    path is deleted instead of retired, so the fallback stays a good copy); without it path.prev
-    is deleted once the swap is done. Nothing is swapped in if the block raises.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging, retired = swap_names(path)
-    shutil.rmtree(staging, ignore_errors=True)  # left by a writer that was killed
-    staging.mkdir()
-    try:
-        yield staging
-        if path.is_dir():
-            for old in path.iterdir():
-                if keep(old.name) and not (staging / old.name).exists():
-                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, staging / old.name)
-        seal(staging)
-        if path.exists():
-            if keep_previous and not is_sound(path):
-                shutil.rmtree(path)
-            else:
-                shutil.rmtree(retired, ignore_errors=True)
-                os.replace(path, retired)
-        os.replace(staging, path)
-        _fsync(path.parent)
-        if not keep_previous:
-            shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def seal(directory: Path):
-    """Write the manifest of a finished directory and flush everything to disk; opening each
-    safetensors file to count its tensors also proves it reads back."""
-    entries = {}
-    for file in sorted(f for f in directory.rglob("*") if f.is_file() and f.name != MANIFEST):
-        entry = {"bytes": file.stat().st_size}
-        if file.suffix == ".safetensors":
-            with open_safetensors(file) as f:
-                entry["tensors"] = len(f.keys())
-        entries[file.relative_to(directory).as_posix()] = entry
-        _fsync(file)
-    (directory / MANIFEST).write_text(json.dumps(entries, indent=1))
-    _fsync(directory / MANIFEST)
-    _fsync(directory)
-
-
-def check_directory(directory: Path, require_manifest: bool = False):
-    """DamagedFile unless every file of directory reads: with a manifest, each listed file has its
-    size and tensor count; without one (a directory from elsewhere), each safetensors opens and
-    each JSON parses. require_manifest: a directory without one was never finished."""
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        if require_manifest:
-            raise DamagedFile(f"{directory} is unfinished: no {MANIFEST} (the writer stopped before the end)")
-        entries = {f.relative_to(directory).as_posix(): {} for f in directory.rglob("*") if f.is_file()}
-    else:
-        entries = read_json(manifest)
-        if not isinstance(entries, dict):
-            raise DamagedFile(f"{manifest} holds no object of file entries")
-    for name, entry in entries.items():
-        file = directory / name
-        if not file.is_file():
-            raise DamagedFile(f"{file} is missing (listed in {MANIFEST})")
-        if "bytes" in entry and file.stat().st_size != entry["bytes"]:
-            raise DamagedFile(f"{file} is damaged: {file.stat().st_size} bytes where {entry['bytes']} were written")
-        if file.suffix == ".safetensors":
-            with open_safetensors(file) as f:
-                count = len(f.keys())
-            if "tensors" in entry and count != entry["tensors"]:
-                raise DamagedFile(f"{file} is damaged: {count} tensors where {entry['tensors']} were written")
-        elif file.suffix == ".json":
-            read_json(file)
-
-
-def is_sound(directory: Path) -> bool:
-    try:
-        check_directory(directory)
-    except (DamagedFile, OSError):
-        return False
-    return True
-
-
-def newest_sound_directory(path, required=()) -> tuple[Path, list[str]]:
-    """The newest complete copy of a directory atomic_directory writes, and why newer ones were passed over.
-
-    Newest first: path.tmp when sealed (a swap stopped before it was renamed in), path, path.prev.
-    Each must pass check_directory and hold the files in required. DamagedFile when none does.
-    """
-    path = Path(path)
-    staging, retired = swap_names(path)
-    passed_over = []
-    for candidate, sealed in ((staging, True), (path, False), (retired, False)):
-        if not candidate.is_dir() or (candidate == staging and not (staging / MANIFEST).is_file()):
-            continue
-        try:
-            check_directory(candidate, require_manifest=sealed)
-            missing = [name for name in required if not (candidate / name).is_file()]
-            if missing:
-                raise DamagedFile(f"{candidate} lacks {', '.join(missing)}")
-        except (DamagedFile, OSError) as err:
-            passed_over.append(str(err))
-            continue
-        return candidate, passed_over
-    found = "; ".join(passed_over) if passed_over else "none of them exists"
-    raise DamagedFile(f"no sound copy of {path} ({path.name}, {staging.name}, {retired.name}): {found}")
-
-
-def _fsync(path: Path):
-    """Flush a file or a directory entry to disk, so a renamed-in copy survives a power cut too."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

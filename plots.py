@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from attention_metrics import (CREDIT_Q, HEAD_GROUP_FRAC, TILE_BYTES, _check_scores, coupled_selection, credit_gamma,
-                               default_layers, rhythm_signals)
-from rl import RLConfig, build_batch
+import checks
+from attention_lean import TILE_BYTES, rhythm_signals
+from attention_metrics import CREDIT_Q, HEAD_GROUP_FRAC, coupled_selection, credit_gamma, default_layers
+from batching import build_batch
 
 MAX_PLOT_POSITIONS = 512  # aggregated maps for pictures cover at most the last 512 positions
 MAX_TICK_LABELS = 80  # token text on the x axis only up to this many response tokens
@@ -68,7 +69,7 @@ def _signal_arrays(signals):
     for name in ("waad", "fai", "entropy"):
         if name not in signals:
             raise ValueError(f"signals lacks {name!r}: pass one dict of rhythm_signals()")
-    return {name: _check_scores(x.detach().cpu(), name, allow_nan=name.startswith("fai"))  # NaN: no T(s)
+    return {name: checks.scores(x.detach().cpu(), name, allow_nan=name.startswith("fai"))  # NaN: no T(s)
             for name, x in signals.items() if name in ("waad", "fai", "entropy", "fai_receiver")}
 
 
@@ -155,7 +156,7 @@ def render_html(path, tokens, signals, gamma=None, q=CREDIT_Q, title="preplan-an
         raise ValueError(f"tokens has {len(tokens)} entries but the response has {R} tokens")
     if gamma is None:
         gamma = credit_gamma("coupled", s["waad"], s["fai"], q=q)
-    gamma = _check_scores(gamma.detach().cpu(), "gamma")
+    gamma = checks.scores(gamma.detach().cpu(), "gamma")
     if gamma.numel() != R:
         raise ValueError(f"gamma has {gamma.numel()} entries but the response has {R} tokens")
     sel = coupled_selection(s["waad"], s["fai"], q)
@@ -225,8 +226,9 @@ def token_strings(tokenizer, ids):
     return [tokenizer.decode([i]) for i in ids]
 
 
-def draw_rhythm(model, tokenizer, trainer, examples, out: Path, rl: RLConfig, h_hi=None, prefix="rhythm"):
-    """PNG (Figure 2 style) and HTML token view of the greedy response to each example."""
+def draw_rhythm(model, tokenizer, trainer, examples, out: Path, rl, h_hi=None, prefix="rhythm"):
+    """PNG (Figure 2 style) and HTML token view of the greedy response to each example, with the
+    layers and credit strategy of rl (the run's rl.RLConfig); trainer: its rl.GRPO."""
     prompts = [trainer.encode_prompt(ex) for ex in examples]
     responses = model.generate(prompts, rl.max_new_tokens, stop_ids=trainer.stop_ids)
     written = []

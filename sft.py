@@ -26,12 +26,13 @@ Project defaults (decided here, in one place):
   weight decay 0.0 and gradient clipping at norm 1.0.
 """
 
-import math
 import random
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from rl import lr_at
 
 IGNORE = -100  # target id that cross_entropy skips (prompt and padding positions)
 
@@ -72,14 +73,6 @@ def sft_loss(model, input_ids, targets):
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
-def lr_at(step: int, steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warm-up to lr, then cosine decay to min_lr_ratio * lr at the last step."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps - 1)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 def sample_pairs(tokenizer, task, batch_size: int, rng: random.Random) -> list:
     """batch_size (prompt ids, response ids) pairs: random training examples, fresh worked solutions."""
     examples = rng.choices(task.train, k=batch_size)
@@ -88,11 +81,12 @@ def sample_pairs(tokenizer, task, batch_size: int, rng: random.Random) -> list:
 
 def warmup(model, tokenizer, task, steps: int, batch_size: int, lr: float, seed: int = 0,
            warmup_steps: int = 20, min_lr_ratio: float = 0.1, weight_decay: float = 0.0,
-           max_grad_norm: float = 1.0, progress: bool = True) -> list:
+           max_grad_norm: float = 1.0, progress: bool = True, stop=None) -> list:
     """Supervised warm-up on worked solutions of task.train (see the module docstring).
 
     Trains model in place for `steps` AdamW steps of `batch_size` rows and returns the per-step
-    losses (floats). Deterministic for a seed given the model's initial weights.
+    losses (floats). Deterministic for a seed given the model's initial weights. stop: a function
+    asked before each step; when it returns True the warm-up ends there (a signal, train.py).
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"warmup needs steps >= 1, batch_size >= 1 and lr > 0; got {steps}, {batch_size}, {lr}")
@@ -105,6 +99,8 @@ def warmup(model, tokenizer, task, steps: int, batch_size: int, lr: float, seed:
     losses = []
     bar = tqdm(range(steps), desc="sft warm-up", disable=not progress)
     for step in bar:
+        if stop is not None and stop():
+            break
         input_ids, targets = build_sft_batch(sample_pairs(tokenizer, task, batch_size, rng), pad_id)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup_steps, min_lr_ratio)

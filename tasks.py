@@ -412,7 +412,7 @@ def countdown_search_solution(numbers: list, target: int, rng: Optional[random.R
     seeded by the instance (deterministic). Project default, not in the paper: the paper's Qwen3
     models write their own search; this is the short, regular form a model trained from scratch can
     learn in minutes. (Until 2026-12-03 the rejected chains were 2 or 3 random chains of any size,
-    and plain GRPO learned nothing from them: README "Does it help?".)"""
+    and plain GRPO learned nothing from them: docs/testbed.md.)"""
     if prompt_style not in ("tinyzero", "compact"):
         raise ValueError(f"countdown prompt_style must be 'tinyzero' or 'compact', got {prompt_style!r}")
     rng = random.Random(f"{numbers}->{target}") if rng is None else rng

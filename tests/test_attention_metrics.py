@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
+import attention_lean
 import attention_metrics as am
 import plots
 from model import Qwen3Config, Transformer
@@ -128,7 +129,7 @@ def test_signals_entropy_at_a_temperature(tiny_model, padded_batch):
     with torch.no_grad():
         logits, _ = tiny_model(ids, attention_mask=mask)
     for method in ("lean", "explicit"):
-        signals = am.rhythm_signals(tiny_model, ids, starts, mask, method=method, temperature=0.5)
+        signals = attention_lean.rhythm_signals(tiny_model, ids, starts, mask, method=method, temperature=0.5)
         for b, s in enumerate(signals):
             expected = am.token_entropy(logits[b], starts[b], temperature=0.5)
             torch.testing.assert_close(s["entropy"], expected, rtol=1e-5, atol=1e-5)
@@ -216,7 +217,7 @@ def test_bottom_q_never_selects_the_undefined_tail():
 def test_signals_carry_undefined_fai_and_credit_never_selects_it(tiny_model, padded_batch):
     ids, mask, starts = padded_batch
     for method in ("lean", "explicit"):
-        for s in am.rhythm_signals(tiny_model, ids, starts, mask, window=3, h_lo=4, h_hi=9, method=method,
+        for s in attention_lean.rhythm_signals(tiny_model, ids, starts, mask, window=3, h_lo=4, h_hi=9, method=method,
                                    receivers=True):
             R = s["fai"].numel()
             undefined = torch.arange(R) >= R - 4  # T(s) = [s + 4, s + 9] is empty for the last 4 tokens
@@ -457,8 +458,8 @@ def padded_batch():
 def small_tiles(monkeypatch, model, rows):
     """Force row tiles of `rows` rows and 5-row logits chunks so the tests cross tile boundaries."""
     H = model.config.num_attention_heads
-    monkeypatch.setattr(am, "TILE_BYTES", 4 * H * 48 * rows)
-    monkeypatch.setattr(am, "LOGIT_CHUNK_BYTES", 4 * model.config.vocab_size * 5)
+    monkeypatch.setattr(attention_lean, "TILE_BYTES", 4 * H * 48 * rows)
+    monkeypatch.setattr(attention_lean, "LOGIT_CHUNK_BYTES", 4 * model.config.vocab_size * 5)
 
 
 SIGNALS = ("waad", "fai", "entropy", "spans", "fai_receiver", "receiver_kurtosis")
@@ -470,8 +471,8 @@ GROUPS = ("local_heads", "global_heads", "receiver_heads")
 def test_lean_matches_explicit(tiny_model, padded_batch, monkeypatch, kwargs):
     ids, mask, starts = padded_batch
     small_tiles(monkeypatch, tiny_model, rows=7)
-    lean = am.rhythm_signals(tiny_model, ids, starts, mask, receivers=True, **kwargs)
-    explicit = am.rhythm_signals(tiny_model, ids, starts, mask, receivers=True, method="explicit", **kwargs)
+    lean = attention_lean.rhythm_signals(tiny_model, ids, starts, mask, receivers=True, **kwargs)
+    explicit = attention_lean.rhythm_signals(tiny_model, ids, starts, mask, receivers=True, method="explicit", **kwargs)
     for row, (a, b) in enumerate(zip(lean, explicit)):
         assert a["waad"].shape == (ids.size(1) - starts[row],)
         for key in SIGNALS:
@@ -486,7 +487,7 @@ def test_lean_matches_maps_of_the_model(tiny_model, padded_batch, monkeypatch):
     """Rebuild row 1 from model(..., attn_layers=...) maps with the public Eq. functions."""
     ids, mask, starts = padded_batch
     small_tiles(monkeypatch, tiny_model, rows=1)
-    lean = am.rhythm_signals(tiny_model, ids, starts, mask, receivers=True)[1]
+    lean = attention_lean.rhythm_signals(tiny_model, ids, starts, mask, receivers=True)[1]
     layers = am.default_layers(tiny_model.config.num_hidden_layers)
     assert lean["layers"] == layers == [2, 3, 4]
     with torch.no_grad():
@@ -512,53 +513,53 @@ def test_signals_from_a_callers_forward_equal_rhythm_signals(tiny_model, padded_
     """rhythm_signals_from on the outputs of the caller's hidden_states call == rhythm_signals, exactly."""
     ids, mask, starts = padded_batch
     layers = [1, 3, 4]
-    expected = am.rhythm_signals(tiny_model, ids, starts, mask, layers=layers, receivers=True)
+    expected = attention_lean.rhythm_signals(tiny_model, ids, starts, mask, layers=layers, receivers=True)
     with torch.no_grad():
         h, _, qk = tiny_model.hidden_states(ids, attention_mask=mask, qk_layers=tuple(layers))
-    got = am.rhythm_signals_from(tiny_model, h, qk, ids, starts, mask, layers=layers, receivers=True)
+    got = attention_lean.rhythm_signals_from(tiny_model, h, qk, ids, starts, mask, layers=layers, receivers=True)
     for a, b in zip(got, expected):
         for key in SIGNALS + GROUPS:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=key)
     with torch.no_grad():
         h, _, qk = tiny_model.hidden_states(ids, attention_mask=mask, qk_layers=(1, 3))
     with pytest.raises(ValueError, match=r"qk lacks layers \[4\]"):
-        am.rhythm_signals_from(tiny_model, h, qk, ids, starts, mask, layers=layers)
+        attention_lean.rhythm_signals_from(tiny_model, h, qk, ids, starts, mask, layers=layers)
 
 
 def test_padded_row_equals_the_row_alone(tiny_model, padded_batch):
     ids, mask, starts = padded_batch
-    batch = am.rhythm_signals(tiny_model, ids, starts, mask)
-    alone = am.rhythm_signals(tiny_model, ids[2:, 17:], [starts[2] - 17])[0]
+    batch = attention_lean.rhythm_signals(tiny_model, ids, starts, mask)
+    alone = attention_lean.rhythm_signals(tiny_model, ids[2:, 17:], [starts[2] - 17])[0]
     for key in ("waad", "fai", "entropy", "spans"):
         torch.testing.assert_close(batch[2][key], alone[key], rtol=1e-5, atol=1e-5, equal_nan=True, msg=key)
 
 
 def test_empty_and_one_token_responses(tiny_model):
     ids = torch.randint(0, 300, (2, 12))
-    out = am.rhythm_signals(tiny_model, ids, [12, 11])
+    out = attention_lean.rhythm_signals(tiny_model, ids, [12, 11])
     assert out[0]["waad"].shape == out[0]["fai"].shape == out[0]["entropy"].shape == (0,)
     assert out[0]["local_heads"].shape == (0, 2) and torch.isnan(out[0]["spans"]).all()
     assert out[1]["waad"].shape == (1,) and torch.isnan(out[1]["fai"]).all()  # T(s) empty: undefined
-    explicit = am.rhythm_signals(tiny_model, ids, [12, 11], method="explicit")
+    explicit = attention_lean.rhythm_signals(tiny_model, ids, [12, 11], method="explicit")
     torch.testing.assert_close(out[1]["waad"], explicit[1]["waad"], rtol=1e-5, atol=1e-5)
 
 
 def test_rhythm_signals_bad_input(tiny_model, padded_batch):
     ids, mask, starts = padded_batch
     with pytest.raises(ValueError, match=r"starts\[1\]=5 is outside the sequence: expected 6 <= starts\[1\] <= 48"):
-        am.rhythm_signals(tiny_model, ids, [20, 5, 40], mask)
+        attention_lean.rhythm_signals(tiny_model, ids, [20, 5, 40], mask)
     with pytest.raises(ValueError, match=r"starts\[0\]=49 is outside"):
-        am.rhythm_signals(tiny_model, ids, [49, 30, 40], mask)
+        attention_lean.rhythm_signals(tiny_model, ids, [49, 30, 40], mask)
     with pytest.raises(ValueError, match="one entry per row of input_ids"):
-        am.rhythm_signals(tiny_model, ids, [20, 30], mask)
+        attention_lean.rhythm_signals(tiny_model, ids, [20, 30], mask)
     with pytest.raises(ValueError, match="left padding only"):
-        am.rhythm_signals(tiny_model, ids, starts, mask.flip(-1))
+        attention_lean.rhythm_signals(tiny_model, ids, starts, mask.flip(-1))
     with pytest.raises(ValueError, match="heads must be 'targeted' or 'all'"):
-        am.rhythm_signals(tiny_model, ids, starts, mask, heads="some")
+        attention_lean.rhythm_signals(tiny_model, ids, starts, mask, heads="some")
     with pytest.raises(ValueError, match="method must be 'lean' or 'explicit'"):
-        am.rhythm_signals(tiny_model, ids, starts, mask, method="fast")
+        attention_lean.rhythm_signals(tiny_model, ids, starts, mask, method="fast")
     with pytest.raises(ValueError, match=r"layers must be a non-empty list of indices in \[0, 6\)"):
-        am.rhythm_signals(tiny_model, ids, starts, mask, layers=[7])
+        attention_lean.rhythm_signals(tiny_model, ids, starts, mask, layers=[7])
 
 
 # -----------------------------------------------------------------------------
@@ -581,7 +582,7 @@ def test_plot_and_html_files(tiny_model, tmp_path):
     torch.manual_seed(2)
     ids = torch.randint(0, 300, (40,))
     start = 15
-    signals = am.rhythm_signals(tiny_model, ids[None], [start], receivers=True)[0]
+    signals = attention_lean.rhythm_signals(tiny_model, ids[None], [start], receivers=True)[0]
     maps = plots.aggregated_maps(tiny_model, ids, start, region="all", max_positions=30)
     assert maps["local"].shape == (30, 30) and maps["offset"] == 10
     with torch.no_grad():
@@ -602,3 +603,20 @@ def test_plot_and_html_files(tiny_model, tmp_path):
     assert "w24" in "".join(parser.text) and parser.tags.count("span") >= 3 * 25
     with pytest.raises(ValueError, match="tokens has 3 entries but the response has 25 tokens"):
         plots.render_html(page, tokens[:3], signals)
+
+
+def test_eq18_and_eq19_by_hand():
+    """locally_dominated (Eq. 18), coupled_gamma (Eq. 19) and amplify (Eq. 15/17) on a case worked by
+    hand: Delta = [5, 4, 0, 5, 4, NaN], T_loc = {0, 3} (tau_Delta 5), tau_waad = lower median = 1;
+    anchor 2 (WAAD 1, Delta 5 at 0 in its window) is dominated with intro 0; anchor 5 (WAAD 2) is not."""
+    w = torch.tensor([0.0, 5, 1, 1, 6, 2])
+    delta = am.waad_deltas(w)
+    t_loc = am.top_q(delta, 0.4)
+    assert t_loc.tolist() == [True, False, False, True, False, False]
+    assert am.amplify(t_loc, 1.5).tolist() == [1.5, 1, 1, 1.5, 1, 1]
+    t_glob = torch.tensor([False, False, True, False, False, True])
+    dominated, intro = am.locally_dominated(w, delta, t_glob, t_loc, k=3)
+    assert dominated.tolist() == [False, False, True, False, False, False]
+    assert intro.tolist() == [True, False, False, False, False, False]
+    gamma = am.coupled_gamma(t_glob, dominated, intro, gamma_amp=1.5, alpha=0.5)
+    assert gamma.tolist() == [1.25, 1, 1.25, 1, 1, 1.5]

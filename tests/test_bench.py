@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-import bench
+from tools import bench
 from model import Qwen3Config, Transformer
 
 
@@ -76,7 +76,7 @@ def test_gpu_check_runs_shrunk_on_cpu(tmp_path):
     """bench.py --gpu-check --device cpu: the same code as on a GPU, shrunk; its phase table has every
     phase of both steps, each with a time, a measured peak and the README's prediction, and the
     first step's update holds at least the gradients and AdamW moments it predicts (12 B/parameter)."""
-    import phases
+    from tools import phases
 
     out = tmp_path / "gpu_check.md"
     text = bench.gpu_check("cpu", out, command="pytest", log=lambda *_: None)
@@ -94,7 +94,7 @@ def test_gpu_check_runs_shrunk_on_cpu(tmp_path):
 
 def test_phase_predictions_by_hand():
     """phases.predict's formulas on a small config, computed by hand: h 8, hq 2 x 4, hkv 1 x 4, i 16, 3 layers."""
-    import phases
+    from tools import phases
 
     config = Qwen3Config(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=4)
@@ -119,7 +119,7 @@ def test_activation_formula_counts_what_autograd_keeps(autocast):
     for the backward (saved-tensor hooks, each storage once), for layers of two shapes (GQA and
     not), less what grows with neither the depth nor the length (weights and their bf16 casts,
     embedding, final norm)."""
-    import phases
+    from tools import phases
 
     def saved_bytes(config, tokens):
         model = Transformer(config)

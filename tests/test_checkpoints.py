@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # Runs train.py in this process with one failure injected into the swap of the Nth checkpoint:
-# os._exit (no clean-up, as a kill) at the named point of model.atomic_directory.
+# os._exit (no clean-up, as a kill) at the named point of checkpoint.atomic_directory.
 CRASHING_TRAIN = """
 import os, runpy, sys
 sys.path.insert(0, {root!r})
-import model
+import checkpoint
 point, nth = sys.argv[1], int(sys.argv[2])
 seals = []
-real_seal, real_replace = model.seal, os.replace
+real_seal, real_replace = checkpoint.seal, os.replace
 
 def seal(directory):
     if directory.name == "checkpoint.tmp":
@@ -46,7 +46,7 @@ def replace(src, dst):
     if len(seals) == nth and point == "after_rename" and names == ("checkpoint.tmp", "checkpoint"):
         os._exit(9)
 
-model.seal, os.replace = seal, replace
+checkpoint.seal, os.replace = seal, replace
 sys.argv = ["train.py"] + sys.argv[3:]
 runpy.run_path({train!r}, run_name="__main__")
 """
@@ -139,6 +139,54 @@ def test_signal_checkpoints_the_current_step_and_says_how_to_resume(signum, code
     assert max(r["step"] for r in records(out) if r["kind"] == "train") == done
     train("--resume", out)
     assert records(out) == records(whole)
+
+
+def test_signal_during_the_warmup_stops_cleanly(tmp_path):
+    """Ctrl-C in the supervised warm-up: the warm-up ends at its next step and the run stops with one
+    line and exit code 130, no traceback, and no checkpoint (there is nothing to resume yet)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--smoke", "--sft-steps", "100000",
+                             "--out", str(out)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300  # run_config.json is written just before the warm-up starts
+    while time.time() < deadline and proc.poll() is None and not (out / "run_config.json").exists():
+        time.sleep(0.01)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "stopped by a signal during the warm-up" in stderr.strip().splitlines()[-1]
+    assert not (out / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_signal_during_an_evaluation_stops_cleanly(signals, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the first evaluation runs: it finishes, the checkpoint of step 0 is written and
+    the run stops with the resume command (exit 130). A second Ctrl-C stops at once, still with one
+    line and no traceback."""
+    import train
+
+    real_evaluate = train.evaluate
+
+    def interrupted(trainer, examples):
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs between bytecodes of this thread
+        return real_evaluate(trainer, examples)
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--smoke", "--sft-steps", "2", "--out", str(out)])
+    assert stop.value.code == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    if signals == 1:
+        assert f"checkpoint saved. Continue with: python train.py --resume {out}" in last
+        assert step_of(out / "checkpoint") == 0
+    else:
+        assert "stopped by a second signal" in last
+        assert not (out / "checkpoint").exists()
 
 
 def test_trainer_state_of_the_wrong_shape_is_named(tmp_path):

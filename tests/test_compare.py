@@ -121,17 +121,20 @@ def test_smoke_compare_is_paired_parallel_and_skips_finished_runs(tmp_path):
 def test_compare_refuses_a_warmup_made_with_other_settings(tmp_path):
     """A finished warm-up is reused only with the settings it was made with: one made with another
     --sft-steps is one line naming the difference, before any run starts (it used to be reused)."""
+    import compare
+    import config
+    from cli import Parser
     import train
     from tokenizer import Tokenizer
 
-    parser = train.Parser()
-    train.add_run_flags(parser)
-    train.add_rl_flags(parser)
-    run, _ = train.resolve(parser.parse_args(["--smoke", "--seed", "5"]))
+    parser = Parser()
+    config.add_run_flags(parser)
+    config.add_rl_flags(parser)
+    run, _ = config.resolve(parser.parse_args(["--smoke", "--seed", "5"]))
     folder = tmp_path / "cmp" / "warmup-seed5"
     tokenizer = Tokenizer.byte_level()
     train.save_warmup(folder, run, train.scratch_model(run, tokenizer), tokenizer)
-    assert train.saved_warmup(folder) == train.warmup_settings(run)
+    assert compare.saved_warmup(folder) == compare.warmup_settings(run)
     command = [sys.executable, str(ROOT / "train.py"), "compare", "--smoke", "--credit", "none", "--seeds", "1",
                "--seed", "5", "--sft-steps", str(run.sft_steps + 1), "--out", str(tmp_path / "cmp")]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -142,9 +145,9 @@ def test_compare_refuses_a_warmup_made_with_other_settings(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["warmup-seed5"]  # no run began
     # a folder whose record is missing or not an object (a killed warm-up, older code) is made again
     (folder / "warmup.json").write_text("[]")
-    assert train.saved_warmup(folder) is None
+    assert compare.saved_warmup(folder) is None
     (folder / "warmup.json").unlink()
-    assert train.saved_warmup(folder) is None
+    assert compare.saved_warmup(folder) is None
 
 
 def fake_job(job):
@@ -164,7 +167,7 @@ def fake_job(job):
 
 
 def test_run_jobs_starts_a_seeds_runs_once_its_warmup_is_saved(tmp_path):
-    from train import run_jobs
+    from compare import run_jobs
     job = lambda name, **kw: dict(name=name, log=str(tmp_path), **kw)  # noqa: E731
     # warm-up 2 can only end after a run of seed 1 has started: a scheduler that waits for every
     # warm-up before any run would time out here
@@ -185,7 +188,7 @@ def test_run_jobs_starts_a_seeds_runs_once_its_warmup_is_saved(tmp_path):
 
 
 def test_run_jobs_stops_at_a_failed_job(tmp_path):
-    from train import run_jobs
+    from compare import run_jobs
     job = lambda name, **kw: dict(name=name, log=str(tmp_path), **kw)  # noqa: E731
     with pytest.raises(RuntimeError, match="w1 failed"):
         run_jobs({1: job("w1", fail=True)}, [(1, job("r1a"))], workers=2, work=fake_job)

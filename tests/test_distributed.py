@@ -33,7 +33,8 @@ import torch
 
 from distributed import shard_range
 from model import Transformer
-from rl import RLConfig, check_world_size, merge_rollouts, policy_loss
+from distributed import check_world_size
+from rl import RLConfig, merge_rollouts, policy_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = dict(rel=1e-4, abs=1e-6)

@@ -8,7 +8,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_model, tiny_config
-from model import KVCache, Qwen3Config, Transformer, positions_from_mask
+from model import KVCache, Qwen3Config, Transformer, positions_from_mask, sample_next
 
 # tied and untied head, GQA and plain multi-head, head_dim != hidden_size / num_attention_heads
 SHAPES = [
@@ -74,12 +74,21 @@ def test_kv_cache_token_by_token_equals_full_forward(tmp_path):
 
 
 def test_greedy_generate_matches_transformers(tmp_path):
+    """The same greedy tokens, and the same log-prob at every step: the tiny random model's argmax
+    barely reacts to positions (a decode step one position off still picks the same 40 tokens), but its
+    log-probs do (measured: 2e-2 apart with every generated position off by one, 5e-7 when right)."""
     hf = make_hf_model()
     ours = load_ours(hf, tmp_path)
     prompt = [3, 141, 59, 26, 53, 58, 97]
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40,
-                      pad_token_id=0, eos_token_id=None)
-    assert ours.generate([prompt], max_new_tokens=40)[0] == ref[0, len(prompt):].tolist()
+                      pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    assert ours.generate([prompt], max_new_tokens=40)[0] == ref.sequences[0, len(prompt):].tolist()
+    tokens, logprobs = ours.generate([prompt], max_new_tokens=40, return_logprobs=True)
+    new = ref.sequences[0, len(prompt):]
+    assert tokens[0] == new.tolist()
+    step_logits = torch.stack(ref.logits, 1)[0].float()  # (40, V): transformers' raw logits at each step
+    expected = torch.log_softmax(step_logits, -1).gather(-1, new[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(logprobs[0]), expected, rtol=0, atol=1e-5)
 
 
 def test_padded_batch_generation_equals_each_prompt_alone(tmp_path):
@@ -156,7 +165,7 @@ def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("model.save_file", crash)
+    monkeypatch.setattr("checkpoint.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         second.save_pretrained(tmp_path / "ckpt")
     monkeypatch.undo()
@@ -238,3 +247,41 @@ def test_per_row_seeds_make_samples_independent_of_the_batch(tmp_path):
     assert together == apart
     with pytest.raises(ValueError, match="one seed per prompt"):
         ours.generate(prompts, 4, temperature=1.0, seed=[1, 2])
+
+
+# logits of an 8-token vocabulary, out of order so that the sampler's sort matters. softmax(logits / T),
+# sorted, has running sums 0.42 0.65 0.81 0.88 .. at T=1, 0.67 0.87 .. at T=0.5 and 0.26 0.46 0.62
+# 0.73 0.83 0.91 .. at T=2: a nucleus of top_p 0.85 holds 4, 2 and 6 tokens (no sum within 0.02 of it).
+SAMPLER_LOGITS = [0.3, -1.1, 2.0, -0.5, 1.0, -2.0, 1.4, 0.0]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("truncation", [dict(top_k=3, top_p=1.0), dict(top_k=0, top_p=0.85)], ids=["top_k", "top_p"])
+def test_sample_next_tempers_before_truncating(temperature, truncation):
+    """sample_next at a temperature != 1 with top-k or top-p draws from the closed form: softmax(logits / T)
+    restricted to its k largest entries, or to the nucleus of the tempered probabilities (the smallest
+    set of the most likely tokens whose mass reaches top_p), renormalised; and returns each token's
+    log-prob under the untruncated softmax(logits / T). N rows share the logits and take the uniforms
+    u = (i + 1/2) / N, so the share of rows that draw a token is its probability to within 1 / N."""
+    N = 20_000
+    logits = torch.tensor(SAMPLER_LOGITS, dtype=torch.float64)
+    tempered = torch.softmax(logits / temperature, -1)  # (V,)
+    order = tempered.argsort(descending=True)
+    if truncation["top_k"]:
+        keep = order[:truncation["top_k"]]
+    else:
+        mass_before = torch.cat([torch.zeros(1, dtype=torch.float64), tempered[order].cumsum(0)[:-1]])
+        keep = order[mass_before < truncation["top_p"]]  # add tokens until their mass reaches top_p
+        assert len(keep) == {0.5: 2, 2.0: 6}[temperature]  # the untempered nucleus would hold 4
+    expected = torch.zeros_like(tempered)
+    expected[keep] = tempered[keep] / tempered[keep].sum()
+
+    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    tokens, logprobs = sample_next(logits.float().repeat(N, 1), temperature, u=u.float(), **truncation)
+    freq = torch.bincount(tokens, minlength=len(SAMPLER_LOGITS)).double() / N
+    assert freq[expected == 0].sum() == 0  # nothing outside the top-k / nucleus
+    assert (freq - expected).abs().max() <= 2 / N, (freq.tolist(), expected.tolist())
+    untempered = torch.softmax(logits, -1)  # what a sampler that skipped the temperature would draw from
+    assert (expected - untempered).abs().max() > 0.05
+    torch.testing.assert_close(logprobs.double(), torch.log_softmax(logits / temperature, -1)[tokens],
+                               rtol=0, atol=1e-6)

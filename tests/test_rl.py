@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-from attention_metrics import credit_gamma, default_layers, rhythm_signals
-from rl import (GRPO, RLConfig, apply_sign, build_batch, group_advantages, normalize_gamma, policy_loss,
-                token_logprobs)
+from attention_lean import rhythm_signals
+from attention_metrics import credit_gamma, default_layers
+from batching import build_batch, token_logprobs
+from rl import GRPO, RLConfig, apply_sign, evaluate, group_advantages, normalize_gamma, policy_loss
 
 
 # -----------------------------------------------------------------------------
@@ -269,9 +270,9 @@ def _without_times(metrics):
 @pytest.mark.parametrize("strategy", ["none", "coupled"])
 def test_grpo_raises_reward(strategy):
     trainer = _trainer(strategy, micro_batch_size=4)  # 4 optimizer steps per rollout batch
-    before = trainer.evaluate(EXAMPLES, greedy=False, k=16)["avg_at_k"]
+    before = evaluate(trainer, EXAMPLES, greedy=False, k=16)["avg_at_k"]
     history = [trainer.step(EXAMPLES) for _ in range(6)]
-    after = trainer.evaluate(EXAMPLES, greedy=False, k=16)["avg_at_k"]
+    after = evaluate(trainer, EXAMPLES, greedy=False, k=16)["avg_at_k"]
     assert after > before + 0.25, (before, after, [m["reward_mean"] for m in history])
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in history)
     if strategy == "coupled":
@@ -340,6 +341,35 @@ def test_no_attention_pass_for_none_and_random(strategy, monkeypatch):
     assert (m["amplified_frac"] > 0) == (strategy == "random")
 
 
+def _count_model_calls(trainer) -> list:
+    """Filled with one (what, phase, grad enabled) entry per decoder run ("decoder": model.hidden_states,
+    which every forward goes through, the credit's own included) and per LM-head call ("head"), phase
+    being the GRPO.step part it ran in: rollout, credit or update. generate decodes through neither."""
+    calls, phase = [], ["outside"]
+    model = trainer.model
+    hidden_states = model.hidden_states
+
+    def counted(*args, **kwargs):
+        calls.append(("decoder", phase[0], torch.is_grad_enabled()))
+        return hidden_states(*args, **kwargs)
+
+    model.hidden_states = counted
+    model.lm_head.register_forward_hook(lambda *_: calls.append(("head", phase[0], torch.is_grad_enabled())))
+    for name in ("rollout", "credit", "update"):
+        def in_phase(*args, _name=name, _method=getattr(trainer, name), **kwargs):
+            phase[0] = _name
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                phase[0] = "outside"
+        setattr(trainer, name, in_phase)
+    return calls
+
+
+def _no_grad(calls, what, phase=None) -> int:
+    return sum(1 for w, p, grad in calls if w == what and not grad and phase in (None, p))
+
+
 @pytest.mark.parametrize("strategy", ["none", "coupled"])
 def test_old_logp_generate_takes_the_samplers_logprobs(strategy):
     """old_logp="generate": every chunk's old log-probs are its generate-time log-probs, no forward
@@ -347,13 +377,25 @@ def test_old_logp_generate_takes_the_samplers_logprobs(strategy):
     same weights); logp_gen_gap still compares the two, on the first micro-batch."""
     recompute, generate = _trainer(strategy), _trainer(strategy, old_logp="generate")
     chunks, forwards = [], []
-    chunk_loss, logprobs = generate._chunk_loss, generate._logprobs
-    generate._chunk_loss = lambda batch: chunks.append(batch) or chunk_loss(batch)
+    accumulate, logprobs = generate._accumulate_gradient, generate._logprobs
+    generate._accumulate_gradient = lambda batches, n_all: chunks.extend(batches) or accumulate(batches, n_all)
     generate._logprobs = lambda model, batch, **k: forwards.append(1) or logprobs(model, batch, **k)
+    calls_a, calls_b = _count_model_calls(recompute), _count_model_calls(generate)
     a, b = recompute.step(EXAMPLES), generate.step(EXAMPLES)
     assert len(chunks) == 2 and all(c["old_logp"] is c["gen_logp"] for c in chunks)
     assert len(forwards) == len(chunks)  # only the training forwards
-    assert b["time_old_logp"] < 1e-2
+    # the work of the old log-probs (what time_old_logp times), counted instead of timed: with
+    # "generate" the update runs no forward without gradient, only the training forwards, and the
+    # whole step runs one LM head per chunk less than the recomputing step (that head gives the old
+    # log-probs), and no decoder pass but the credit's own (coupled: its signals, 2 chunks of 8)
+    signals = 2 if strategy == "coupled" else 0
+    assert _no_grad(calls_b, "decoder", "update") == _no_grad(calls_b, "head", "update") == 0
+    assert calls_b.count(("decoder", "update", True)) == calls_b.count(("head", "update", True)) == len(chunks)
+    assert _no_grad(calls_b, "decoder") == _no_grad(calls_b, "decoder", "credit") == signals
+    assert _no_grad(calls_a, "head") - _no_grad(calls_b, "head") == len(chunks)
+    # the recomputing step's old log-probs: from the credit's forward (coupled) or a forward of its own
+    assert _no_grad(calls_a, "decoder") == signals + (0 if strategy == "coupled" else len(chunks))
+    assert {phase for _, phase, _ in calls_a + calls_b} <= {"credit", "update"}
     assert (a["reward_mean"], a["response_length"]) == (b["reward_mean"], b["response_length"])
     for key in ("loss", "grad_norm", "ratio_mean", "gamma_mean", "amplified_frac"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
@@ -393,10 +435,10 @@ def test_credit_forward_gives_old_logprobs_and_signals():
 
 def test_greedy_evaluate_is_deterministic():
     trainer = _trainer("none")
-    r1, r2 = trainer.evaluate(EXAMPLES), trainer.evaluate(EXAMPLES)
+    r1, r2 = evaluate(trainer, EXAMPLES), evaluate(trainer, EXAMPLES)
     assert r1 == r2 and r1["accuracy"] == r1["avg_at_k"]
     with pytest.raises(ValueError, match="greedy decoding gives k identical"):
-        trainer.evaluate(EXAMPLES, greedy=True, k=4)
+        evaluate(trainer, EXAMPLES, greedy=True, k=4)
 
 
 @pytest.mark.parametrize("kwargs, match", [

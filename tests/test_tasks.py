@@ -1,10 +1,11 @@
+import gc
 import json
 import random
 import re
 import sys
-import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -216,22 +217,112 @@ UNTRUSTED = {
 }
 
 
+# What stops each untrusted answer: the parser's error (naming the limit it hit), or None where the
+# equation is well formed and only its numbers are wrong.
+REFUSED_BY = {
+    "python code": "not allowed",
+    "power tower": f"power with more than {tasks.MAX_VALUE_BITS} bits",
+    "deep nesting": f"longer than {tasks.MAX_ANSWER_CHARS} characters",
+    "1 MB": f"longer than {tasks.MAX_ANSWER_CHARS} characters",
+    "many digits": f"longer than {tasks.MAX_ANSWER_CHARS} characters",
+    "division by zero": "division by zero",
+    "arabic-indic digits": "not allowed",
+    "fullwidth digits": "not allowed",
+    "leading zeros": "leading zero",
+    "unknown numbers": None,
+    "decimal": None,
+    "huge exponent": f"power with more than {tasks.MAX_VALUE_BITS} bits",
+    "lambda": "not allowed",
+}
+# Python lines an untrusted input may cost (any module, the first use of a regex compiling it
+# included; measured: at most about 4,000). The loops the limits bound would run one line or more per
+# character of a response: 100,000 to 1,000,000 here.
+LINE_BUDGET = 20_000
+# Bits of the largest exact power the tests let the code compute (the parser's own bound is
+# MAX_VALUE_BITS = 4096; 9**9**9**9 would need about 1.2e9 bits of 9**387420489 first).
+POWER_BITS = 1_000_000
+
+
+class TooMuchWork(Exception):
+    """Raised inside the code under test when it starts work past the bounds of these tests. Not an
+    EquationError or ArithmeticError, so no handler of tasks.py swallows it."""
+
+
+@contextmanager
+def line_budget(limit=LINE_BUDGET):
+    """Count the Python lines executed (every module) inside the block: the work, without a clock.
+    The count is yielded as a one-element list; past the limit TooMuchWork is raised where the
+    code runs (an exception from a trace function propagates into the traced frame)."""
+    count = [0]
+
+    def local(frame, event, arg):
+        if event == "line":
+            count[0] += 1
+            if count[0] > limit:
+                raise TooMuchWork(f"more than {limit} Python lines, in {frame.f_code.co_name} "
+                                  f"({frame.f_code.co_filename}:{frame.f_lineno})")
+        return local
+
+    previous, collecting = sys.gettrace(), gc.isenabled()
+    gc.disable()  # a collection would run other objects' finalizers inside the count
+    sys.settrace(lambda frame, event, arg: local)
+    try:
+        yield count
+    finally:
+        sys.settrace(previous)
+        if collecting:
+            gc.enable()
+
+
+@pytest.fixture
+def bounded_powers(monkeypatch):
+    """Fraction ** integer raises TooMuchWork before computing a result of more than POW_BITS bits
+    (the big-int work runs in C, where no line is counted). Returns the list of exponents asked for."""
+    asked, power = [], Fraction.__pow__
+
+    def guarded(base, exponent):
+        if isinstance(exponent, (int, Fraction)) and Fraction(exponent).denominator == 1 and base not in (0, 1, -1):
+            e = abs(int(exponent))
+            asked.append(e)
+            if max(base.numerator.bit_length(), base.denominator.bit_length()) * e > POWER_BITS:
+                raise TooMuchWork(f"{base} ** {e} has more than {POWER_BITS} bits")
+        return power(base, exponent)
+
+    monkeypatch.setattr(Fraction, "__pow__", guarded)
+    return asked
+
+
 @pytest.mark.parametrize("name", sorted(UNTRUSTED))
-def test_untrusted_answers_fail_fast(name):
-    start = time.perf_counter()
-    reward = countdown_reward(answer(UNTRUSTED[name]), [12, 5, 3], 51)
-    assert time.perf_counter() - start < 0.1
+def test_untrusted_answers_fail_fast(name, bounded_powers):
+    # the bound of the work, not a clock: few Python lines, no big power computed
+    with line_budget() as lines:
+        reward = countdown_reward(answer(UNTRUSTED[name]), [12, 5, 3], 51)
+    assert lines[0] < LINE_BUDGET and all(e < 64 for e in bounded_powers)
     assert reward == 0.1
     assert not Path("/tmp/pwned").exists()
+    # and the limit that refuses it is the one meant for it, hit before any of the work it bounds
+    if REFUSED_BY[name] is None:
+        parse_equation(UNTRUSTED[name])  # well formed: the reward is 0.1 for its numbers
+    else:
+        with line_budget(), pytest.raises(EquationError, match=re.escape(REFUSED_BY[name])):
+            parse_equation(UNTRUSTED[name])
 
 
-def test_untrusted_whole_responses_fail_fast():
-    # huge responses, many unclosed tags: extraction must stay linear
-    for response in ["<answer>" * 200_000, "x" * 1_000_000 + "</answer>", "<answer>1" + "</answer>" * 100_000]:
-        start = time.perf_counter()
-        reward = countdown_reward(response, [12, 5, 3], 51)
-        assert time.perf_counter() - start < 0.1
-        assert reward in (0.0, 0.1)
+def test_untrusted_whole_responses_fail_fast(bounded_powers):
+    # huge responses, many unclosed tags: extraction must stay linear; counted, not timed: the Python
+    # lines run do not grow with the response (str.find does the scanning), and stay few
+    # (head, repeated part, repeats, tail): the responses "<answer>" * 200_000, "x" * 1_000_000 +
+    # "</answer>" and "<answer>1" + "</answer>" * 100_000, each also with twice the repeats
+    for head, part, n, tail in [("", "<answer>", 200_000, ""), ("", "x", 1_000_000, "</answer>"),
+                                ("<answer>1", "</answer>", 100_000, "")]:
+        countdown_reward(head + part * 2 + tail, [12, 5, 3], 51)  # first uses (ABC caches) cost lines once
+        counts = []
+        for repeats in (n, 2 * n):
+            with line_budget() as lines:
+                reward = countdown_reward(head + part * repeats + tail, [12, 5, 3], 51)
+            counts.append(lines[0])
+            assert reward in (0.0, 0.1)
+        assert counts[0] == counts[1] < 1_000, counts
 
 
 def test_deep_nesting_within_limit_parses():
@@ -411,14 +502,36 @@ def test_gsm8k_reward(response, gold, extract, expected):
     assert gsm8k_reward(response, gold, extract) == expected
 
 
-def test_gsm8k_untrusted_responses_fail_fast():
+def test_gsm8k_untrusted_responses_fail_fast(monkeypatch):
     huge = ["\\boxed{" * 200_000, "1" * 1_000_000, "1," * 500_000, "-" * 1_000_000,
-            "\\boxed{" + "{" * 999 + "}" * 1000, "\\boxed{١٢}", "\\boxed{1e999999999}"]
+            "\\boxed{" + "{" * 999 + "}" * 1000, "\\boxed{١٢}", "\\boxed{1e999999999}",
+            "\\boxed{" + "1" * 1_000_000]  # unclosed: the scan for its brace stops at MAX_BOXED_CHARS
+    # the bound of the work, not a clock: the number parser is handed at most the scanned window, the
+    # exact value it builds is at most a few thousand digits, and few Python lines run
+    handed = []
+    number, exact = tasks.parse_number, tasks.Fraction
+
+    def recording_parse_number(text):
+        handed.append(len(text))
+        return number(text)
+
+    def bounded_fraction(*args):
+        if args and isinstance(args[0], str):
+            exponent = re.search(r"[eE]([+-]?[0-9]+)", args[0])
+            if len(args[0]) > 4_000 or (exponent and abs(int(exponent.group(1))) > 4_000):
+                raise TooMuchWork(f"an exact value of {args[0][:20]!r}... ({len(args[0])} characters)")
+        return exact(*args)
+
+    monkeypatch.setattr(tasks, "parse_number", recording_parse_number)
+    monkeypatch.setattr(tasks, "Fraction", bounded_fraction)
     for response in huge:
         for extract in ("boxed", "last_number"):
-            start = time.perf_counter()
-            assert gsm8k_reward(response, "12", extract) == 0.0
-            assert time.perf_counter() - start < 0.1
+            handed.clear()
+            with line_budget() as lines:
+                assert gsm8k_reward(response, "12", extract) == 0.0
+            window = tasks.MAX_BOXED_CHARS if extract == "boxed" else tasks.LAST_NUMBER_WINDOW
+            assert max(handed) <= window, (response[:20], extract)
+            assert lines[0] < LINE_BUDGET
 
 
 def test_last_number_window_drops_cut_number():

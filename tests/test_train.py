@@ -117,7 +117,13 @@ BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "
        "analyze-layers-beyond", "init-truncated-weights", "init-config-not-json", "bad-grad-accum", "compare-jobs-0",
        "paper-preset-without-init", "rhythm-preset-with-init", "compare-bad-gamma-norm", "compare-empty-credit",
        "negative-seed", "compare-empty-gamma-norm", "shape-with-init", "sft-with-init", "bad-n-head",
-       "bad-intermediate"]
+       "bad-intermediate", "max-new-tokens-beyond-context", "max-new-tokens-beyond-prompt-room",
+       "init-max-new-tokens-beyond-context"]
+
+
+# The tiny checkpoint has 256 positions: the paper preset's 1,024 new tokens do not fit (a case of its
+# own), so the cases that test another input of an --init run ask for responses that fit.
+FITS = ("--max-new-tokens", "64")
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -140,9 +146,9 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
 
     cases = {
         "not-a-checkpoint": (["--init", tmp_path], "no config.json"),
-        "missing-data": (["--init", tiny_checkpoint, "--task", "gsm8k", "--data", tmp_path / "nope.jsonl"],
+        "missing-data": (["--init", tiny_checkpoint, "--task", "gsm8k", "--data", tmp_path / "nope.jsonl", *FITS],
                          "nope.jsonl"),
-        "malformed-data": (["--init", tiny_checkpoint, "--task", "gsm8k", "--data", bad_jsonl], "line 2"),
+        "malformed-data": (["--init", tiny_checkpoint, "--task", "gsm8k", "--data", bad_jsonl, *FITS], "line 2"),
         "micro-gt-batch": (["--smoke", "--rollout-batch", "16", "--micro-batch", "32"], "micro_batch_size"),
         "group-size-1": (["--smoke", "--group-size", "1"], "group_size must be >= 2"),
         "unwritable-out": (["--smoke", "--sft-steps", "1", "--out", blocker / "out"], "cannot write"),
@@ -181,8 +187,14 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
         "bad-n-head": (["--smoke", "--n-head", "3"], "--n-head 3: n_head must be a multiple of n_kv_head (2)"),
         "bad-intermediate": (["--smoke", "--intermediate", "0"], "--intermediate 0: intermediate must be >= 1"),
         "paper-preset-without-init": (["--preset", "paper"], "--preset paper needs --init"),
+        "max-new-tokens-beyond-context": (["--smoke", "--max-new-tokens", "100000000"],
+                                          "--max-new-tokens 100000000: a prompt of at least one token"),
+        "max-new-tokens-beyond-prompt-room": (["--smoke", "--max-new-tokens", "250"],
+                                              "--max-new-tokens 250: the longest prompt"),
+        "init-max-new-tokens-beyond-context": (["--init", tiny_checkpoint, "--max-new-tokens", "256"],
+                                               "the model's 256 positions, so at most 255"),
         "rhythm-preset-with-init": (["--preset", "rhythm", "--init", tiny_checkpoint], "does not take --init"),
-        "init-truncated-weights": (["--init", damaged_copy("weights")], "model.safetensors is damaged"),
+        "init-truncated-weights": (["--init", damaged_copy("weights"), *FITS], "model.safetensors is damaged"),
         "init-config-not-json": (["--init", damaged_copy("config")], "config.json is not valid JSON"),
     }
     assert set(cases) == set(BAD)  # a case written here but missing from BAD would never run
@@ -232,6 +244,7 @@ def test_draw_rhythm_draws_the_runs_layers_and_strategy(strategy, layers, tmp_pa
 def test_metrics_log_sends_the_jsonl_records_to_wandb_and_tensorboard(tmp_path, monkeypatch):
     import types
 
+    import config
     import train
 
     calls = []
@@ -254,7 +267,7 @@ def test_metrics_log_sends_the_jsonl_records_to_wandb_and_tensorboard(tmp_path, 
     fake_tb.SummaryWriter = Writer
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
-    run = train.RunConfig(out=str(tmp_path), wandb="proj", tensorboard=True)
+    run = config.RunConfig(out=str(tmp_path), wandb="proj", tensorboard=True)
     log = train.MetricsLog(tmp_path / "metrics.jsonl", run, {"run": {}})
     records = [{"kind": "eval", "step": 0, "accuracy": 0.25}, {"kind": "train", "step": 1, "loss": 0.5, "lr": 1e-6}]
     for record in records:
@@ -306,11 +319,12 @@ def test_final_model_keeps_the_init_checkpoints_dtype(tmp_path):
 
 
 def resolved(*flags):
-    import train
-    parser = train.Parser()
-    train.add_run_flags(parser)
-    train.add_rl_flags(parser)
-    return train.resolve(parser.parse_args(list(flags)))
+    import config
+    from cli import Parser
+    parser = Parser()
+    config.add_run_flags(parser)
+    config.add_rl_flags(parser)
+    return config.resolve(parser.parse_args(list(flags)))
 
 
 def test_rhythm_preset_is_the_documented_testbed():

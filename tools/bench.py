@@ -1,10 +1,10 @@
 """Speed and memory of this implementation measured side by side with transformers, in one run.
 
-    python bench.py                  # CPU: a ~40M-parameter Qwen3 in fp32; writes bench.md
-    python bench.py --quick          # the same rows at smaller sizes, under 2 minutes
-    python bench.py --device cuda    # the real Qwen3-0.6B shape in bf16
-    python bench.py --tiny           # the smallest configuration (what tests/test_bench.py runs)
-    python bench.py --gpu-check --device cuda   # the prepared GPU check (under 8 min on one H200)
+    python -m tools.bench                  # CPU: a ~40M-parameter Qwen3 in fp32; writes docs/bench.md
+    python -m tools.bench --quick          # the same rows at smaller sizes, under 2 minutes
+    python -m tools.bench --device cuda    # the real Qwen3-0.6B shape in bf16
+    python -m tools.bench --tiny           # the smallest configuration (what tests/test_bench.py runs)
+    python -m tools.bench --gpu-check --device cuda   # the prepared GPU check (under 8 min on one H200)
 
 Every figure is a ratio against a reference measured in the same run, on the same model shape,
 the same random weights (copied from our model into transformers' Qwen3ForCausalLM) and the
@@ -14,7 +14,7 @@ same inputs:
      (temperature 1, no top-k/top-p, no stop token), model.generate vs transformers'
      generate(use_cache=True, do_sample=True, top_k=0, top_p=1.0, min_new_tokens=max_new_tokens);
      greedy outputs of both are compared token by token;
-  3. attention metrics: attention_metrics.rhythm_signals(method="lean", default layers) vs a
+  3. attention metrics: attention_lean.rhythm_signals(method="lean", default layers) vs a
      plain SDPA forward (model(ids), full logits) vs transformers eager with
      output_attentions=True, plus the largest difference between our metrics and the metrics
      computed from transformers' maps with attention_metrics' explicit functions;
@@ -57,9 +57,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Qwen3ForCausalLM  # noqa: E402
 
+import attention_lean as lean  # noqa: E402
 import attention_metrics as am  # noqa: E402
 from model import Qwen3Config, Transformer, hf_name  # noqa: E402
-from phases import return_freed_memory, rss_kib  # noqa: E402
+from tools.phases import return_freed_memory, rss_kib  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -178,7 +179,7 @@ def op_metrics(impl, model, settings, n):
     ids = random_ids(1, n, settings, salt=3)
     if impl == "lean":
         start = min(settings.metric_start, n // 2)
-        return lambda: am.rhythm_signals(model, ids, [start], method="lean")
+        return lambda: lean.rhythm_signals(model, ids, [start], method="lean")
     if impl == "plain":
         return lambda: model(ids)[0]
     return lambda: model(input_ids=ids, output_attentions=True)
@@ -442,14 +443,16 @@ def bench_metrics(settings, models, log):
 
 def rl_setup(settings):
     """train.py's default run (DEMO preset; --smoke in tiny mode): model from scratch, no warm-up."""
+    import config
     import train
+    from cli import Parser
     from rl import GRPO
     from tokenizer import Tokenizer
 
-    parser = train.Parser()
-    train.add_run_flags(parser)
-    train.add_rl_flags(parser)
-    run, rl = train.resolve(parser.parse_args(["--device", settings.device, *settings.rl_preset]))
+    parser = Parser()
+    config.add_run_flags(parser)
+    config.add_rl_flags(parser)
+    run, rl = config.resolve(parser.parse_args(["--device", settings.device, *settings.rl_preset]))
     # only the examples the steps use: a step's cost does not depend on the size of the training set
     run = replace(run, n_train=min(run.n_train, rl.prompts_per_step * (settings.rl_steps + 1)))
     tokenizer = Tokenizer.byte_level()
@@ -566,7 +569,7 @@ def report(settings, header, prefill, generate, metrics, rl, roof) -> str:
     return "\n".join(lines)
 
 
-def run_bench(settings: Settings, out_path=None, command="python bench.py", log=print) -> str:
+def run_bench(settings: Settings, out_path=None, command="python -m tools.bench", log=print) -> str:
     """Run every measurement, print the Markdown and write it to out_path (when given)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -605,16 +608,17 @@ def tiny_checkpoint(path: Path) -> Path:
     return path
 
 
-def gpu_check(device: str, out_path=None, command="python bench.py --gpu-check", log=print) -> str:
+def gpu_check(device: str, out_path=None, command="python -m tools.bench --gpu-check", log=print) -> str:
     """One command that settles the GPU questions: this benchmark at the GPU sizes (prefill, generation
     at batch 1/8/32/128, the metrics path at N = 1,024-8,192, all against transformers), then 2 steps
     of the paper preset (128 responses x 1,024 new tokens, bf16 autocast) on a random Qwen3-0.6B-Base
-    (make_qwen3.py) split into phases, each with its time and peak memory beside the README's
-    prediction (phases.py). With device "cpu" it runs the same code shrunk (the tiny bench; 2 steps of
-    4 responses on a tiny checkpoint), which is what the tests run."""
+    (tools/make_qwen3.py) split into phases, each with its time and peak memory beside the
+    prediction of docs/performance.md's formulas (tools/phases.py). With device "cpu" it runs the
+    same code shrunk (the tiny bench; 2 steps of 4 responses on a tiny checkpoint), which is what the
+    tests run."""
     import tempfile
 
-    import phases
+    from tools import phases
 
     cuda = device.startswith("cuda")
     settings = replace(MODES["full"], **{**GPU, **GPU_CHECK, "device": device}) if cuda else \
@@ -622,7 +626,7 @@ def gpu_check(device: str, out_path=None, command="python bench.py --gpu-check",
     bench_text = run_bench(settings, None, command, log)
     with tempfile.TemporaryDirectory() as tmp:
         if cuda:
-            from make_qwen3 import make_qwen3
+            from tools.make_qwen3 import make_qwen3
             checkpoint, flags = make_qwen3("0.6B", Path(tmp) / "qwen3-0.6b"), ("--device", device)
         else:
             checkpoint, flags = tiny_checkpoint(Path(tmp) / "tiny"), ("--device", "cpu", *CPU_CHECK_FLAGS)
@@ -666,18 +670,19 @@ def main(argv=None):
     size.add_argument("--gpu-check", dest="gpu_check", action="store_true",
                       help="the prepared GPU check: this bench at GPU sizes, then the paper preset's phases on a "
                            "random Qwen3-0.6B (with --device cpu: shrunk)")
-    parser.add_argument("--out", help="where to write the Markdown (default bench.md; gpu_check.md with --gpu-check)")
+    parser.add_argument("--out", help="where to write the Markdown (default docs/bench.md; gpu_check.md with "
+                                      "--gpu-check)")
     args = parser.parse_args(argv)
     for name in ("repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    command = ("python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = ("python -m tools.bench " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     if args.gpu_check:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit(f"--device {args.device}: no CUDA device is available")
         gpu_check(args.device, args.out or "gpu_check.md", command)
         return
-    run_bench(settings_for(args), args.out or "bench.md", command)
+    run_bench(settings_for(args), args.out or "docs/bench.md", command)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A random Qwen3 base model at a published size, in the hub's layout, made without a download.
 
-    python make_qwen3.py --size 0.6B --out /tmp/qwen3-0.6b-random
+    python -m tools.make_qwen3 --size 0.6B --out /tmp/qwen3-0.6b-random
     python train.py --init /tmp/qwen3-0.6b-random --device cpu --steps 2 ...   # the paper's path, real shapes
 
 What a user gets from the hub, less the trained weights: config.json with the fields of

@@ -1,8 +1,9 @@
-"""Peak memory and time of each phase of a GRPO step on a checkpoint, beside the README's formulas.
+"""Peak memory and time of each phase of a GRPO step on a checkpoint, beside the formulas of
+docs/performance.md ("Memory per step").
 
-    python phases.py --init DIR --device cpu --precision bf16 --prompts-per-step 2 --group-size 2 \\
+    python -m tools.phases --init DIR --device cpu --precision bf16 --prompts-per-step 2 --group-size 2 \\
         --micro-batch 2 --max-new-tokens 64          # a Qwen3 shape on a CPU, shrunk batch
-    python phases.py --init DIR --device cuda        # the paper preset: 128 responses x 1,024 new tokens
+    python -m tools.phases --init DIR --device cuda        # the paper preset: 128 responses x 1,024 new tokens
 
 It takes train.py's flags (the paper preset applies, as with --init) and runs --steps steps (default
 2) of GRPO.step split into its phases (--skip-update: all but the update, for a model whose AdamW
@@ -13,7 +14,7 @@ GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats) and its wall
   generation  GRPO.rollout: sampling with the KV cache, scoring;
   credit      GRPO.credit: the no-grad forward that gives the old log-probs and the attention credit;
   update      GRPO.update: micro-batched forward/backward and AdamW steps.
-The predicted column is the README's arithmetic for the same configuration and the batch as sampled
+The predicted column is that arithmetic for the same configuration and the batch as sampled
 (`predict`), so a wrong formula shows as a ratio far from 1. Each step's phases are one table row
 group; the first step also allocates the gradients and AdamW moments.
 """
@@ -28,10 +29,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+import config  # noqa: E402
 import train  # noqa: E402
+from checkpoint import weight_files  # noqa: E402
 from cli import Parser, UsageError, checkpoint_dir, pick_device  # noqa: E402
 from distributed import all_gather_objects  # noqa: E402
-from model import Transformer, _weight_files  # noqa: E402
+from model import Transformer  # noqa: E402
 from rl import GRPO, merge_rollouts  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -73,7 +76,7 @@ def logit_bytes(element_bytes: int) -> int:
 
 
 def predict(phase: str, config, params: int, batch: dict, element_bytes: int, first_step: bool) -> int:
-    """The README's formulas for one phase. batch: rows and padded tokens of the largest chunk the
+    """The formulas of docs/performance.md for one phase. batch: rows and padded tokens of the largest chunk the
     phase runs at once (generation: rows per generate call x prompt + max_new_tokens); for weights,
     `mapped`: the bytes of the checkpoint file loaded last, which a CPU's resident set counts while it
     is memory-mapped, beside all the fp32 weights (0 on a GPU).
@@ -160,17 +163,17 @@ def measure(argv: list) -> dict:
     """Run --steps GRPO steps (default 2) of the train.py configuration given by argv, phase by phase;
     --skip-update leaves out the update (a model whose AdamW state does not fit in memory)."""
     parser = Parser()
-    train.add_run_flags(parser)
-    train.add_rl_flags(parser)
+    config.add_run_flags(parser)
+    config.add_rl_flags(parser)
     parser.add_argument("--skip-update", action="store_true",
                         help="measure weights, generation and credit only (the update needs 16 B per parameter)")
     args = parser.parse_args(argv)
     if not args.init:
-        raise UsageError("phases.py needs --init <Qwen3 checkpoint> (e.g. one written by make_qwen3.py)")
+        raise UsageError("tools.phases needs --init <Qwen3 checkpoint> (e.g. one written by tools.make_qwen3)")
     steps, skip_update = args.steps or 2, args.skip_update
     del args.skip_update
-    run, rl = train.resolve(args)
-    train.preflight(run, rl)
+    run, rl = config.resolve(args)
+    config.preflight(run, rl)
     device = pick_device(run.device)
     run = replace(run, n_train=rl.prompts_per_step * steps, n_test=1)
     torch.manual_seed(run.seed)
@@ -180,7 +183,7 @@ def measure(argv: list) -> dict:
     with meter.phase(weights):
         model = Transformer.from_pretrained(checkpoint_dir(run.init), dtype=torch.float32, device=device)
     params = model.num_parameters()
-    mapped = 0 if meter.cuda else _weight_files(checkpoint_dir(run.init))[-1].stat().st_size  # loaded last
+    mapped = 0 if meter.cuda else weight_files(checkpoint_dir(run.init))[-1].stat().st_size  # loaded last
     weights["predicted"] = predict("weights", model.config, params, dict(mapped=mapped), 4, True)
     records.append(weights)
     trainer = GRPO(model, Tokenizer.from_pretrained(checkpoint_dir(run.init)), train.load_task(run), rl)
