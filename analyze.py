@@ -4,6 +4,9 @@
     python train.py analyze --init DIR --task gsm8k --data gsm8k_test.jsonl    # the paper's setting
     python train.py analyze --init DIR --prompts my_prompts.jsonl               # one {"prompt": ...} per line
 
+DIR may hold any causal LM that transformers loads (Llama, Qwen2, Mistral, ...): a Qwen3 checkpoint
+runs on the project's own model, any other through integrations.hf, with the same tables and pictures.
+
 Start to finish:
 1. prompts: the held-out problems of a task (Countdown by default, in the training prompt style of
    the run when DIR was written by train.py; GSM8K / math in the paper's analysis format with
@@ -56,6 +59,7 @@ from plots import aggregated_maps, plot_rhythm, render_html
 from batching import build_batch
 from tasks import make_task, read_jsonl
 from tokenizer import Tokenizer
+from checkpoint import read_json
 from cli import (Parser, UsageError, check_layers, checkpoint_dir, ensure_writable, model_config_field, parse_layers,
                  pick_device)
 
@@ -304,6 +308,21 @@ def resolve_model_dir(init):
     return checkpoint_dir(init)
 
 
+def load_model(model_dir, dtype, device):
+    """The project's Qwen3 for a qwen3 checkpoint; any other causal LM that transformers loads runs
+    through integrations.hf (its attention's q and k captured by a registered attention function)."""
+    config = read_json(model_dir / "config.json")
+    if isinstance(config, dict) and config.get("model_type") == "qwen3":
+        return Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise UsageError(f"--init {model_dir}: a {config.get('model_type')!r} model needs transformers "
+                         "(pip install transformers)") from None
+    from integrations.hf import HFCausalLM
+    return HFCausalLM(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval())
+
+
 def read_run_config(model_dir):
     """run_config.json of the train.py run the model came from (beside or inside the folder), or {}."""
     for candidate in (model_dir / "run_config.json", model_dir.parent / "run_config.json"):
@@ -513,7 +532,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     prompts, task = load_prompts(args, run_config, args.num_prompts)
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    model = load_model(model_dir, dtype, device)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     rl = run_config.get("rl", {})
     stop_ids = tuple(dict.fromkeys([i for i in (tokenizer.eos_id,) if i is not None] + list(rl.get("stop_ids", []))))
