@@ -18,6 +18,17 @@ def tiny_config(**overrides):
     return {**TINY, **overrides}
 
 
+class StubTokenizer:
+    """Text is space-separated token ids (the last id of the tiny vocabulary is the stop token)."""
+    eos_id, pad_id = TINY["vocab_size"] - 1, 0
+
+    def encode(self, text, allow_special=False):
+        return [int(x) for x in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
 def make_hf_model(seed=0, **overrides):
     """A random transformers Qwen3ForCausalLM (eager attention) whose norms are not all ones."""
     import transformers

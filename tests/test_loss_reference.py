@@ -17,28 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from attention_metrics import credit_gamma, default_layers, fai, group_heads, head_span, token_entropy, waad
-from conftest import tiny_config
+from conftest import StubTokenizer, tiny_config
 from model import Qwen3Config, Transformer
 from rl import GRPO, RLConfig
 
-EOS = 299
+EOS = StubTokenizer.eos_id  # 299
 STOPS = tuple(range(170, 180))  # with EOS: here 5 of the 8 responses stop (at lengths 5 to 12), 3 run to 14
 PROMPTS = ["1 2 3", "4 5 6 7 8 9"]  # prompts of different lengths too: padding on both sides of a row
 G = 4
 TEMPERATURE = 0.7                   # log-probs and entropy under softmax(logits / T), as rl.py samples
 KNOBS = dict(window=4, h_lo=2, h_hi=8, q=0.4, gamma_amp=1.5, k=3, alpha=0.5)
 ROLLOUT_SEED, CREDIT_SEED, ORDER_SEED = 7, 8, 9
-
-
-class Tokens:
-    """Text is space-separated token ids."""
-    eos_id, pad_id = EOS, 0
-
-    def encode(self, text, allow_special=False):
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids):
-        return " ".join(str(i) for i in ids)
 
 
 def reward_of(tokens):
@@ -63,7 +52,7 @@ def _trainer(norm):
                    max_new_tokens=14, temperature=TEMPERATURE, stop_ids=STOPS, strategy="coupled",
                    credit_method="explicit", norm=norm, lr=1e-3, max_grad_norm=1e9,  # the clip never acts
                    **KNOBS)
-    return GRPO(model, Tokens(), ShareTask(), cfg)
+    return GRPO(model, StubTokenizer(), ShareTask(), cfg)
 
 
 def _reference_gamma(model, ids, start, layers):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import StubTokenizer, tiny_config
 from attention_lean import rhythm_signals
 from attention_metrics import credit_gamma, default_layers
 from batching import build_batch, token_logprobs
@@ -218,18 +218,7 @@ def test_token_logprobs_match_unpadded_forward():
 # -----------------------------------------------------------------------------
 # end to end on a tiny model
 
-EOS, TARGETS = 299, set(range(10, 20))
-
-
-class StubTokenizer:
-    """Text is space-separated token ids."""
-    eos_id, pad_id = EOS, 0
-
-    def encode(self, text, allow_special=False):
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids):
-        return " ".join(str(i) for i in ids)
+EOS, TARGETS = StubTokenizer.eos_id, set(range(10, 20))
 
 
 class ContainsTask:
