@@ -45,7 +45,7 @@ from tqdm import tqdm
 import compare
 from checkpoint import (DamagedFile, append_jsonl, atomic_directory, check_trainer_state, find_checkpoint,
                         load_trainer_state, read_json, read_jsonl_records, read_progress)
-from cli import Parser, UsageError, checkpoint_dir, ensure_writable, pick_device
+from cli import Parser, UsageError, checkpoint_dir, ensure_writable, model_config_field, pick_device
 from config import RunConfig, add_rl_flags, add_run_flags, config_from_json, config_json, preflight, resolve
 from distributed import (MODES, all_reduce_sum, broadcast_parameters, full_state_dict, gathered, is_main,
                          launched_rank, parallel_mode, setup, teardown)
@@ -245,10 +245,9 @@ def load_model(run: RunConfig, resume: Path | None, device) -> tuple:
     return scratch_model(run, tokenizer).to(device), tokenizer, {}
 
 
-def check_room(model, tokenizer, task, max_new_tokens: int):
-    """Every prompt of the task and max_new_tokens more must fit the model's positions: refused
-    here, before any file is written, not when the first rollout meets it."""
-    context = model.config.max_position_embeddings
+def check_room(context: int, tokenizer, task, max_new_tokens: int):
+    """Every prompt of the task and max_new_tokens more must fit the model's context positions:
+    refused before any file is written or any warm-up runs, not when the first rollout meets it."""
     longest = max(len(tokenizer.encode(ex.prompt, allow_special=True)) for ex in task.train + task.test)
     if longest + max_new_tokens > context:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({longest} tokens) and the response "
@@ -281,7 +280,7 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
     torch.manual_seed(run.seed)
     task = load_task(run)
     model, tokenizer, progress = load_model(run, resume, device)
-    check_room(model, tokenizer, task, rl.max_new_tokens)
+    check_room(model.config.max_position_embeddings, tokenizer, task, rl.max_new_tokens)
     eval_examples = task.test[:run.eval_size]
     metrics_file = out / "metrics.jsonl"
     log = None
@@ -478,9 +477,16 @@ def main(argv=None):
         if len(set(credits)) != len(credits):
             raise UsageError(f"--credit {','.join(credits)}: each strategy once")
         preflight(run, rl)
+        task = load_task(run)
+        if run.init:
+            source = checkpoint_dir(run.init)
+            check_room(model_config_field(source, "max_position_embeddings"), Tokenizer.from_pretrained(source), task,
+                       rl.max_new_tokens)
+        else:
+            check_room(run.context, Tokenizer.byte_level(), task, rl.max_new_tokens)
         gpus = torch.cuda.device_count() if pick_device(run.device).type == "cuda" else 0
         return compare.compare(run, rl, credits, args.seeds, compare_job, config_json(run, rl),
-                               len(load_task(run).test[:run.eval_size]), gpus, args.jobs, parallel)
+                               len(task.test[:run.eval_size]), gpus, args.jobs, parallel)
     run, rl = resolve(args)
     preflight(run, rl)
     return train(run, rl, parallel=parallel)

@@ -118,7 +118,7 @@ BAD = ["not-a-checkpoint", "missing-data", "malformed-data", "micro-gt-batch", "
        "paper-preset-without-init", "rhythm-preset-with-init", "compare-bad-gamma-norm", "compare-empty-credit",
        "negative-seed", "compare-empty-gamma-norm", "shape-with-init", "sft-with-init", "bad-n-head",
        "bad-intermediate", "max-new-tokens-beyond-context", "max-new-tokens-beyond-prompt-room",
-       "init-max-new-tokens-beyond-context"]
+       "init-max-new-tokens-beyond-context", "compare-max-new-tokens-beyond-prompt-room"]
 
 
 # The tiny checkpoint has 256 positions: the paper preset's 1,024 new tokens do not fit (a case of its
@@ -193,6 +193,8 @@ def test_bad_input_fails_with_one_clear_line(case, tmp_path, tiny_checkpoint):
                                               "--max-new-tokens 250: the longest prompt"),
         "init-max-new-tokens-beyond-context": (["--init", tiny_checkpoint, "--max-new-tokens", "256"],
                                                "the model's 256 positions, so at most 255"),
+        "compare-max-new-tokens-beyond-prompt-room": (["compare", "--smoke", "--max-new-tokens", "250"],
+                                                      "--max-new-tokens 250: the longest prompt"),
         "rhythm-preset-with-init": (["--preset", "rhythm", "--init", tiny_checkpoint], "does not take --init"),
         "init-truncated-weights": (["--init", damaged_copy("weights"), *FITS], "model.safetensors is damaged"),
         "init-config-not-json": (["--init", damaged_copy("config")], "config.json is not valid JSON"),
