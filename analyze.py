@@ -60,7 +60,7 @@ from batching import build_batch
 from tasks import make_task, read_jsonl
 from tokenizer import Tokenizer
 from checkpoint import read_json
-from cli import (Parser, UsageError, check_layers, checkpoint_dir, ensure_writable, model_config_field, parse_layers,
+from cli import (Parser, UsageError, check_layers, check_room, checkpoint_dir, ensure_writable, model_config_field, parse_layers,
                  pick_device)
 
 # -----------------------------------------------------------------------------
@@ -540,17 +540,12 @@ def main(argv=None):
     max_new_tokens = args.max_new_tokens or rl.get("max_new_tokens", MAX_NEW_TOKENS)
     layer_choice = args.layers or (tuple(rl["credit_layers"]) if isinstance(rl.get("credit_layers"), list)
                                    else rl.get("credit_layers", "middle"))
-    layers = (default_layers(model.config.num_hidden_layers, layer_choice) if isinstance(layer_choice, str)
-              else list(layer_choice))
+    layers = default_layers(model.config.num_hidden_layers, layer_choice)
 
     prompt_ids = [tokenizer.encode(text, allow_special=True) for text, _ in prompts]
     if any(not ids for ids in prompt_ids):
         raise ValueError("a prompt encodes to no tokens; every prompt needs at least one")
-    longest = max(len(ids) for ids in prompt_ids)
-    context = model.config.max_position_embeddings
-    if longest + max_new_tokens > context:
-        raise UsageError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({longest} tokens) plus it exceeds "
-                         f"the model's context of {context}; pass --max-new-tokens <= {context - longest}")
+    check_room(max_new_tokens, map(len, prompt_ids), model.config.max_position_embeddings)
     print(f"analyzing {model_dir} on {len(prompts)} {task.name if task else 'custom'} prompts "
           f"(temperature {args.temperature}, up to {max_new_tokens} tokens, layers {layers}) -> {out}/")
 

@@ -497,10 +497,13 @@ def default_layers(num_layers, choice="middle", count=NUM_ATTN_LAYERS):
     """count evenly spaced layer indices inside a band of the stack (all of the band if it is smaller).
 
     middle = floor(L/3)..floor(2L/3) (the paper's), bottom = 0..floor(L/3), top = floor(2L/3)..L-1,
-    all = 0..L-1; positions rounded half up.
+    all = 0..L-1; positions rounded half up. choice may also be explicit indices (the layer
+    ablation), returned as a list as they are.
     """
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    if isinstance(choice, (tuple, list)):
+        return list(choice)
     bands = dict(middle=(num_layers // 3, 2 * num_layers // 3), all=(0, num_layers - 1),
                  bottom=(0, num_layers // 3), top=(2 * num_layers // 3, num_layers - 1))
     if choice not in bands:

@@ -117,6 +117,15 @@ def model_config_field(path: Path, name: str) -> int:
     return value
 
 
+def check_room(max_new_tokens: int, prompt_lengths, context: int):
+    """The longest prompt and max_new_tokens more must fit the model's context positions: refused
+    before any warm-up or file, not when the first generation meets it."""
+    longest = max(prompt_lengths)
+    if longest + max_new_tokens > context:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({longest} tokens) and the response "
+                         f"must fit the model's {context} positions, so at most {context - longest}")
+
+
 def check_writable(out: Path, flag: str = "--out"):
     """Raise unless `out` can be created (or written) there, without creating anything yet."""
     existing = out

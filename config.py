@@ -245,15 +245,15 @@ def resolve(args) -> tuple[RunConfig, RLConfig]:
 def preflight(run: RunConfig, rl: RLConfig):
     """The checks that need more than the flags (the device, the checkpoint's depth for --layers and
     its positions for --max-new-tokens, the data file, the output folder), all before any model is
-    built or --out is touched. (train.check_room then fits the task's longest prompt.)"""
+    built or --out is touched. (cli.check_room then fits the task's longest prompt.)"""
     pick_device(run.device)
     try:
         check_world_size(rl, launched_world_size())
     except ValueError as e:
         raise UsageError(str(e)) from None
-    source = checkpoint_dir(run.init) if run.init else None
-    check_layers(rl.credit_layers, model_config_field(source, "num_hidden_layers") if source else run.n_layer)
-    context = model_config_field(source, "max_position_embeddings") if source else run.context
+    depth = model_config_field(checkpoint_dir(run.init), "num_hidden_layers") if run.init else run.n_layer
+    check_layers(rl.credit_layers, depth)
+    context = model_positions(run)
     if rl.max_new_tokens >= context:
         raise UsageError(f"--max-new-tokens {rl.max_new_tokens}: a prompt of at least one token and the response "
                          f"must fit the model's {context} positions, so at most {context - 1}")
@@ -261,6 +261,12 @@ def preflight(run: RunConfig, rl: RLConfig):
         raise UsageError(f"--data {run.data}: no such file or folder")
     check_writable(Path(run.out))
     check_loggers(run)
+
+
+def model_positions(run: RunConfig) -> int:
+    """The positions of the run's model: --init's max_position_embeddings (read from its config.json,
+    before any weights), or --context for a model from scratch."""
+    return model_config_field(checkpoint_dir(run.init), "max_position_embeddings") if run.init else run.context
 
 
 def check_loggers(run: RunConfig):

@@ -239,8 +239,7 @@ def draw_rhythm(model, tokenizer, trainer, examples, out: Path, rl, h_hi=None, p
         batch = {key: value.to(model.device) for key, value in batch.items()}
         start = int(batch["starts"][0])
         # the run's own layers (a band name resolved against this model's depth) and strategy
-        layers = (default_layers(model.config.num_hidden_layers, rl.credit_layers)
-                  if isinstance(rl.credit_layers, str) else list(rl.credit_layers))
+        layers = default_layers(model.config.num_hidden_layers, rl.credit_layers)
         signals = rhythm_signals(model, batch["input_ids"], batch["starts"], batch["attention_mask"], layers=layers,
                                  heads=rl.credit_heads, window=rl.window, h_lo=rl.h_lo,
                                  h_hi=h_hi if h_hi is not None else rl.h_hi, receivers=True)[0]

@@ -437,9 +437,7 @@ class GRPO:
                                            cfg.gamma_norm)
                            for i, n in enumerate(lengths)]
             return 0.0
-        layers = cfg.credit_layers
-        if isinstance(layers, str):
-            layers = default_layers(self.model.config.num_hidden_layers, layers)
+        layers = default_layers(self.model.config.num_hidden_layers, cfg.credit_layers)
         # the entropy of the distribution that was sampled: softmax(logits / temperature)
         signal_kw = dict(layers=layers, heads=cfg.credit_heads, window=cfg.window, h_lo=cfg.h_lo, h_hi=cfg.h_hi,
                          temperature=cfg.temperature)

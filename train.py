@@ -45,8 +45,9 @@ from tqdm import tqdm
 import compare
 from checkpoint import (DamagedFile, append_jsonl, atomic_directory, check_trainer_state, find_checkpoint,
                         load_trainer_state, read_json, read_jsonl_records, read_progress)
-from cli import Parser, UsageError, checkpoint_dir, ensure_writable, model_config_field, pick_device
-from config import RunConfig, add_rl_flags, add_run_flags, config_from_json, config_json, preflight, resolve
+from cli import Parser, UsageError, check_room, checkpoint_dir, ensure_writable, pick_device
+from config import (RunConfig, add_rl_flags, add_run_flags, config_from_json, config_json, model_positions, preflight,
+                    resolve)
 from distributed import (MODES, all_reduce_sum, broadcast_parameters, full_state_dict, gathered, is_main,
                          launched_rank, parallel_mode, setup, teardown)
 from model import Qwen3Config, Transformer, save_state_dict, write_state_dict
@@ -245,13 +246,9 @@ def load_model(run: RunConfig, resume: Path | None, device) -> tuple:
     return scratch_model(run, tokenizer).to(device), tokenizer, {}
 
 
-def check_room(context: int, tokenizer, task, max_new_tokens: int):
-    """Every prompt of the task and max_new_tokens more must fit the model's context positions:
-    refused before any file is written or any warm-up runs, not when the first rollout meets it."""
-    longest = max(len(tokenizer.encode(ex.prompt, allow_special=True)) for ex in task.train + task.test)
-    if longest + max_new_tokens > context:
-        raise UsageError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({longest} tokens) and the response "
-                         f"must fit the model's {context} positions, so at most {context - longest}")
+def prompt_lengths(tokenizer, task):
+    """Tokens of every prompt of the task, as the rollouts and evaluations encode them (cli.check_room)."""
+    return [len(tokenizer.encode(ex.prompt, allow_special=True)) for ex in task.train + task.test]
 
 
 def stop_now(stop: "StopRequest", log, message: str):
@@ -280,7 +277,7 @@ def train(run: RunConfig, rl: RLConfig, resume: Path | None = None, warm_start: 
     torch.manual_seed(run.seed)
     task = load_task(run)
     model, tokenizer, progress = load_model(run, resume, device)
-    check_room(model.config.max_position_embeddings, tokenizer, task, rl.max_new_tokens)
+    check_room(rl.max_new_tokens, prompt_lengths(tokenizer, task), model.config.max_position_embeddings)
     eval_examples = task.test[:run.eval_size]
     metrics_file = out / "metrics.jsonl"
     log = None
@@ -478,12 +475,8 @@ def main(argv=None):
             raise UsageError(f"--credit {','.join(credits)}: each strategy once")
         preflight(run, rl)
         task = load_task(run)
-        if run.init:
-            source = checkpoint_dir(run.init)
-            check_room(model_config_field(source, "max_position_embeddings"), Tokenizer.from_pretrained(source), task,
-                       rl.max_new_tokens)
-        else:
-            check_room(run.context, Tokenizer.byte_level(), task, rl.max_new_tokens)
+        tokenizer = Tokenizer.from_pretrained(checkpoint_dir(run.init)) if run.init else Tokenizer.byte_level()
+        check_room(rl.max_new_tokens, prompt_lengths(tokenizer, task), model_positions(run))
         gpus = torch.cuda.device_count() if pick_device(run.device).type == "cuda" else 0
         return compare.compare(run, rl, credits, args.seeds, compare_job, config_json(run, rl),
                                len(task.test[:run.eval_size]), gpus, args.jobs, parallel)

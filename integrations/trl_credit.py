@@ -80,9 +80,7 @@ class AttentionCreditGRPOTrainer(GRPOTrainer):
                 gamma[row, :n] = credit_gamma("random", waad=torch.zeros(n), generator=self.credit_rng, **knobs)
             return gamma
         model = HFCausalLM(self.accelerator.unwrap_model(self.model))
-        layers = cfg.credit_layers
-        if isinstance(layers, str):
-            layers = default_layers(model.config.num_hidden_layers, layers)
+        layers = default_layers(model.config.num_hidden_layers, cfg.credit_layers)
         prompts = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"])]
         completions = [ids[:n].tolist() for ids, n in zip(output["completion_ids"], lengths)]
         pad_id = next(i for i in (self.processing_class.pad_token_id, self.processing_class.eos_token_id, 0)
